@@ -1,0 +1,28 @@
+# Every target is one line you could type yourself. `make` runs the whole main job.
+.PHONY: all setup data train convert demo test bench clean
+
+all: setup data train convert demo
+
+setup:
+	python3 -m venv .venv && .venv/bin/pip install --upgrade pip && .venv/bin/pip install -e '.[train,dev]'
+
+data:
+	.venv/bin/nebula data stellarium --out data/stellarium
+
+train:
+	.venv/bin/nebula train --data data/stellarium --out models/runs/main
+
+convert:
+	.venv/bin/nebula convert models/runs/main --out models/nebula.tflite
+
+demo:
+	.venv/bin/nebula classify --model models/nebula.tflite samples/
+
+test:
+	.venv/bin/pytest
+
+bench:
+	.venv/bin/nebula bench --model models/nebula.tflite --json models/bench.json
+
+clean:
+	rm -rf data/stellarium models/runs models/nebula.tflite models/labels.txt models/manifest.json

@@ -1,0 +1,124 @@
+"""Load a model once, classify many images: the interpreter and its per-image path.
+
+Interpreter preference: LiteRT (`ai_edge_litert`), then `tflite_runtime`, then
+TensorFlow's own `tf.lite` (only present on a workstation install).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from nebula.device import modelfile
+from nebula.device.modelfile import ModelFileError
+from nebula.device.preprocess import prepare
+
+DEFAULT_MODEL = Path("models/nebula.tflite")
+UNKNOWN = "unknown"
+
+_BACKENDS = (
+    ("ai_edge_litert.interpreter", "ai-edge-litert"),
+    ("tflite_runtime.interpreter", "tflite-runtime"),
+    ("tensorflow.lite", "tensorflow"),  # imported by name, and last: the device never needs it
+)
+
+
+class RuntimeMissing(Exception):
+    pass
+
+
+def load_interpreter_class(prefer: str | None = None):
+    """Return (Interpreter class, backend name) for the first runtime that imports."""
+    tried = []
+    for module_name, backend in _BACKENDS:
+        if prefer and backend != prefer:
+            continue
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            tried.append(f"{backend} ({err})")
+            continue
+        return module.Interpreter, backend
+    raise RuntimeMissing(
+        "no TFLite runtime installed: pip install ai-edge-litert (or tflite-runtime); tried " + ", ".join(tried)
+    )
+
+
+def default_model_path() -> Path:
+    return Path(os.environ.get("NEBULA_MODEL") or DEFAULT_MODEL)
+
+
+@dataclass
+class Prediction:
+    label: str
+    score: float
+    top_k: list[tuple[str, float]]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_probabilities(cls, probs: np.ndarray, labels: list[str], top_k: int = 3, threshold: float = 0.0):
+        order = np.argsort(probs)[::-1][: max(1, top_k)]
+        ranked = [(labels[i], float(probs[i])) for i in order]
+        label, score = ranked[0]
+        return cls(label=label if score >= threshold else UNKNOWN, score=score, top_k=ranked)
+
+
+class Classifier:
+    """A .tflite model file, loaded once: `classify(rgb)` prepares, invokes, ranks."""
+
+    def __init__(self, model_path: str | Path | None = None, num_threads: int | None = None, backend: str | None = None):
+        self.path = Path(model_path) if model_path else default_model_path()
+        self.model = modelfile.read(self.path)
+        self.labels = self.model.labels
+        self.spec = self.model.preprocess
+        self.sha256 = self.model.sha256
+        Interpreter, self.backend = load_interpreter_class(backend)
+        try:
+            self.interpreter = Interpreter(model_content=self.model.flatbuffer, num_threads=num_threads)
+            self.interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as err:
+            raise ModelFileError(f"{self.path}: the runtime cannot load it ({err})") from None
+        (inp,) = self.interpreter.get_input_details()
+        (out,) = self.interpreter.get_output_details()
+        s = self.spec.input_size
+        if tuple(inp["shape"]) != (1, s, s, 3):
+            raise ModelFileError(f"{self.path}: input shape {tuple(inp['shape'])} does not match the manifest's {s}x{s}x3")
+        if int(np.prod(out["shape"])) != len(self.labels):
+            raise ModelFileError(
+                f"{self.path}: the model has {int(np.prod(out['shape']))} outputs but {len(self.labels)} labels"
+            )
+        self._input_index, self._input_dtype = inp["index"], inp["dtype"]
+        self._output_index, self._output_dtype = out["index"], out["dtype"]
+        self._output_scale, self._output_zero = out["quantization"]
+        self._batch = np.zeros((1, s, s, 3), dtype=self._input_dtype)
+
+    def invoke(self, image: np.ndarray) -> np.ndarray:
+        """Run the model on one prepared (S, S, 3) uint8 image; returns probabilities (float32)."""
+        self._batch[0] = image  # casts to the input dtype; uint8 -> uint8 is a plain copy
+        self.interpreter.set_tensor(self._input_index, self._batch)
+        self.interpreter.invoke()
+        raw = self.interpreter.get_tensor(self._output_index)[0]
+        if self._output_scale:
+            return (raw.astype(np.float32) - self._output_zero) * np.float32(self._output_scale)
+        return raw.astype(np.float32)
+
+    def classify(self, rgb, top_k: int = 3, threshold: float = 0.0) -> Prediction:
+        """Classify one RGB image of any size (PIL image or HxWx3 uint8 array)."""
+        t0 = time.perf_counter()
+        image = prepare(rgb, self.spec)
+        t1 = time.perf_counter()
+        probs = self.invoke(image)
+        t2 = time.perf_counter()
+        prediction = Prediction.from_probabilities(probs, self.labels, top_k, threshold)
+        t3 = time.perf_counter()
+        prediction.timings_ms = {
+            "preprocess": (t1 - t0) * 1e3,
+            "invoke": (t2 - t1) * 1e3,
+            "postprocess": (t3 - t2) * 1e3,
+        }
+        return prediction

@@ -1,0 +1,133 @@
+"""The dataset manifest: one CSV row per image, with its label, why, and its object group.
+
+A dataset folder is `<root>/<label>/<image>` plus `<root>/manifest.csv`. Every
+split is made by group, so no object is ever in both train and test.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+import re
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+LABELS = ("dark", "emission", "reflection", "planetary", "protoplanetary", "supernova_remnant", "other")
+MANIFEST_NAME = "manifest.csv"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".fits", ".fit", ".fts")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class ManifestRow:
+    file: str  # relative to the dataset root, e.g. "emission/m42.png"
+    label: str
+    label_reason: str
+    designation: str = ""
+    group: str = ""
+    credit: str = ""
+    source_file: str = ""
+    width: int = 0
+    height: int = 0
+
+
+COLUMNS = tuple(f.name for f in fields(ManifestRow))
+
+
+def group_from_stem(stem: str) -> str:
+    """'barnard_loop-3' -> 'barnard_loop', 'M42_2' -> 'm42': numbered views of one object share a group."""
+    return re.sub(r"[-_]\d+$", "", stem.lower()) or stem.lower()
+
+
+def write_manifest(rows: list[ManifestRow], path: str | Path) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(asdict(row))
+
+
+def read_manifest(path: str | Path) -> list[ManifestRow]:
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = set(COLUMNS) - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path}: manifest lacks columns {sorted(missing)}")
+        return [
+            ManifestRow(**{**{k: r[k] for k in COLUMNS}, "width": int(r["width"] or 0), "height": int(r["height"] or 0)})
+            for r in reader
+        ]
+
+
+def manifest_from_folder(root: str | Path) -> list[ManifestRow]:
+    """Rows for a folder with one sub-folder per label (a user's own photos)."""
+    root = Path(root)
+    rows = []
+    for label_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for image in sorted(label_dir.rglob("*")):
+            if image.is_file() and image.suffix.lower() in IMAGE_SUFFIXES:
+                rows.append(
+                    ManifestRow(
+                        file=image.relative_to(root).as_posix(),
+                        label=label_dir.name,
+                        label_reason=f"folder '{label_dir.name}'",
+                        designation=image.stem,
+                        group=group_from_stem(image.stem),
+                        source_file=str(image),
+                    )
+                )
+    return rows
+
+
+def load_dataset(root: str | Path) -> list[ManifestRow]:
+    """The manifest of a dataset folder: its manifest.csv, or one made from its sub-folders."""
+    root = Path(root)
+    if (root / MANIFEST_NAME).exists():
+        return read_manifest(root / MANIFEST_NAME)
+    return manifest_from_folder(root)
+
+
+def grouped_split(rows: list[ManifestRow], val: float = 0.15, test: float = 0.15, seed: int = 0) -> dict[str, list[ManifestRow]]:
+    """Split by group, stratified by each group's majority label; a group never straddles two splits.
+
+    A label with three or more groups gets at least one group in val and in test;
+    with two, one goes to test; with one, it stays in train.
+    """
+    groups: dict[str, list[ManifestRow]] = defaultdict(list)
+    for row in rows:
+        groups[row.group or row.file].append(row)
+    by_label: dict[str, list[str]] = defaultdict(list)
+    for name, members in groups.items():
+        by_label[Counter(r.label for r in members).most_common(1)[0][0]].append(name)
+
+    rng = random.Random(seed)
+    assignment: dict[str, str] = {}
+    for label in sorted(by_label):
+        names = sorted(by_label[label])
+        rng.shuffle(names)
+        total = sum(len(groups[n]) for n in names)
+        quota = {"test": test * total, "val": val * total}
+        minimum = {"test": 1 if len(names) >= 2 else 0, "val": 1 if len(names) >= 3 else 0}
+        for split in ("test", "val"):
+            taken = 0
+            while names and len(names) > 1 and (taken < quota[split] or minimum[split] > 0):
+                name = names.pop()
+                assignment[name] = split
+                taken += len(groups[name])
+                minimum[split] -= 1
+                if taken >= quota[split] and minimum[split] <= 0:
+                    break
+        for name in names:
+            assignment[name] = "train"
+
+    splits = {split: [] for split in SPLITS}
+    for name, members in groups.items():
+        splits[assignment[name]].extend(members)
+    for split in SPLITS:
+        splits[split].sort(key=lambda r: r.file)
+    return splits
+
+
+def label_counts(rows: list[ManifestRow]) -> Counter:
+    return Counter(r.label for r in rows)
