@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny generated sky images and a tiny trained int8 model file.
+
+The tiny model is a real model, trained for a few seconds to tell red nebulae
+("emission") from blue ("reflection") from white star fields ("other"), then
+converted with the project's own int8 path — so device tests can assert answers.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+TINY_LABELS = ["emission", "reflection", "other"]
+
+
+def sky_image(label: str, size: int = 64, seed: int = 0) -> np.ndarray:
+    """A synthetic sky: black background, a few stars, and a coloured glow for nebula labels."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    image = rng.normal(8, 3, (size, size, 3))
+    cy, cx = rng.uniform(0.35, 0.65, 2)
+    glow = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * rng.uniform(0.1, 0.2) ** 2))
+    colour = {"emission": (230, 60, 70), "reflection": (70, 110, 235), "other": (0, 0, 0)}[label]
+    image += glow[..., None] * np.array(colour) * rng.uniform(0.7, 1.0)
+    for _ in range(rng.integers(5, 15 if label != "other" else 60)):
+        y, x = rng.integers(0, size, 2)
+        image[y, x] = 255
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def write_sky_folder(root: Path, per_label: int = 12, size: int = 64, labels=TINY_LABELS) -> Path:
+    """One sub-folder per label of generated PNGs, named <label><group>-<view>.png."""
+    for label in labels:
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(per_label):
+            Image.fromarray(sky_image(label, size, seed=hash((label, i)) % 2**32)).save(root / label / f"{label}{i // 2}-{i % 2}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def sky_folder(tmp_path_factory) -> Path:
+    return write_sky_folder(tmp_path_factory.mktemp("sky"))
+
+
+@pytest.fixture(scope="session")
+def tiny_keras_classifier():
+    """(model, spec): the tiny backbone with a softmax head, trained on generated skies."""
+    import keras
+
+    from nebula.device.preprocess import PreprocessSpec, prepare
+    from nebula.train import backbones
+
+    keras.utils.set_random_seed(0)
+    spec = PreprocessSpec(input_size=backbones.get("tiny").input_size)
+    features = backbones.create("tiny", weights=None)
+    model = keras.Sequential([features, keras.layers.Dense(len(TINY_LABELS), activation="softmax", name="classifier")])
+    x = np.stack([prepare(sky_image(label, seed=i), spec) for label in TINY_LABELS for i in range(40)]).astype("float32")
+    y = np.repeat(np.arange(len(TINY_LABELS)), 40)
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(x, y, epochs=25, batch_size=20, verbose=0, shuffle=True)
+    return model, spec
+
+
+@pytest.fixture(scope="session")
+def tiny_model_file(tmp_path_factory, tiny_keras_classifier) -> Path:
+    """A self-describing int8 .tflite of the tiny classifier (labels: emission, reflection, other)."""
+    from nebula.convert.quantize import io_quantization, quantize_int8
+    from nebula.device import modelfile
+    from nebula.device.preprocess import prepare
+
+    model, spec = tiny_keras_classifier
+    representative = [prepare(sky_image(label, seed=1000 + i), spec) for label in TINY_LABELS for i in range(20)]
+    flatbuffer = quantize_int8(model, representative)
+    manifest = {"preprocess": spec.to_dict(), **io_quantization(flatbuffer), "backbone": "tiny", "run": {"name": "tiny-fixture"}}
+    path = tmp_path_factory.mktemp("model") / "tiny.tflite"
+    path.write_bytes(modelfile.embed(flatbuffer, TINY_LABELS, manifest))
+    return path
