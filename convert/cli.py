@@ -1,12 +1,45 @@
 """The `nebula convert` command."""
 
+import sys
+
 import click
 
 from nebula.extras import require_workstation
 
 
 @click.command()
-def convert():
-    """Convert a trained run to a fully int8 TFLite model."""
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", default="models/nebula.tflite", show_default=True, type=click.Path(dir_okay=False), help="Model file to write.")
+@click.option("--representative", default=200, show_default=True, help="Training images used to calibrate int8 ranges.")
+@click.option("--seed", default=0, show_default=True, help="Seed for picking the representative images.")
+@click.option("--force", is_flag=True, help="Write the model even if int8 fails the accuracy gate.")
+def convert(run_dir, out, representative, seed, force):
+    """Convert a training run to a self-describing, fully int8 TFLite model.
+
+    Quantizes with representative training images, scores float and int8 on the
+    run's test split, and refuses (exit 1) if int8 accuracy is more than 1.0 point
+    below float or top-1 agreement is under 97 %, unless --force. The labels and a
+    JSON manifest are embedded in the file; labels.txt and manifest.json are also
+    written beside it.
+
+    Example: nebula convert models/runs/main --out models/nebula.tflite
+    """
     require_workstation("convert")
-    raise click.ClickException("not implemented yet")
+    from nebula.convert.export import ConversionRefused, convert_run
+
+    try:
+        report = convert_run(run_dir, out, representative, seed, force, echo=lambda m: click.echo(m, err=True))
+    except ConversionRefused as err:
+        click.echo(f"Error: {err}", err=True)
+        sys.exit(1)
+    f, q = report.float_metrics, report.int8_metrics
+    click.echo(f"{'':12}{'accuracy':>10}{'macro-F1':>10}{'size':>12}")
+    click.echo(f"{'float':12}{f['accuracy']:>10.3f}{f['macro_f1']:>10.3f}{report.float_bytes / 1e6:>9.2f} MB")
+    click.echo(f"{'int8':12}{q['accuracy']:>10.3f}{q['macro_f1']:>10.3f}{report.int8_bytes / 1e6:>9.2f} MB")
+    click.echo(f"top-1 agreement float/int8: {100 * report.agreement:.1f}% on {report.manifest['metrics']['test_images']} test images")
+    q_in, q_out = report.manifest["input"], report.manifest["output"]
+    click.echo(f"input  {q_in['dtype']} scale {q_in['scale']:g} zero point {q_in['zero_point']}; "
+               f"output {q_out['dtype']} scale {q_out['scale']:g} zero point {q_out['zero_point']}")
+    if report.failures:
+        click.echo("WARNING (forced): " + "; ".join(report.failures), err=True)
+    click.echo(f"Wrote {report.out} (sha256 {report.manifest['sha256'][:12]}), labels.txt and manifest.json beside it")

@@ -1,0 +1,66 @@
+"""Does a model give the same answers on tflite-runtime 2.14.0 as on LiteRT?
+
+tflite-runtime 2.14.0 is the last release of the older runtime, and many 64-bit
+Raspberry Pi OS Bookworm setups still have it. It needs numpy<2 although its
+metadata does not say so, so it gets a virtual environment of its own, holding
+only the device code (`pip install --no-deps`), never TensorFlow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+OLD_RUNTIME = ["tflite-runtime==2.14.0", "numpy<2", "pillow", "click"]
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# Run the other environment's python outside the repo: there, the repo's own nebula/
+# folder would shadow the installed package (which maps device/ into nebula.device).
+_OUTSIDE_REPO = tempfile.gettempdir()
+
+
+def ensure_venv(venv: Path, project: Path = PROJECT_ROOT) -> Path:
+    """Create `venv` with tflite-runtime 2.14 and the device code; returns its python."""
+    python = venv / "bin" / "python"
+    if not (venv / ".nebula-ready").exists():
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+        pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        subprocess.run(pip + OLD_RUNTIME, check=True)
+        subprocess.run(pip + ["--no-deps", str(project)], check=True)
+        (venv / ".nebula-ready").touch()
+    return python
+
+
+def classify_with(python: Path, model: Path, images: list[Path]) -> dict[str, str]:
+    """Top-1 label per image, classified by the `nebula` of another environment."""
+    env = {**os.environ, "PYTHONNOUSERSITE": "1"}
+    result = subprocess.run(
+        [str(python), "-m", "nebula", "classify", "--model", str(model), "--format", "jsonl", *map(str, images)],
+        capture_output=True, text=True, env=env, cwd=_OUTSIDE_REPO,
+    )
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    if result.returncode != 0 or len(records) != len(images):
+        raise RuntimeError(f"{python}: classify failed (exit {result.returncode}): {result.stderr.strip()[-500:]}")
+    return {r["file"]: r["label"] for r in records}
+
+
+def backend_of(python: Path) -> str:
+    code = "from nebula.device.runtime import load_interpreter_class as f; print(f()[1])"
+    return subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True, cwd=_OUTSIDE_REPO).stdout.strip()
+
+
+def compare_runtimes(model: Path, images: list[Path], venv: Path) -> dict:
+    """Top-1 answers of this environment's runtime and of tflite-runtime 2.14, side by side."""
+    old_python = ensure_venv(venv)
+    current = classify_with(Path(sys.executable), model, images)
+    old = classify_with(old_python, model, images)
+    same = sum(current[f] == old[f] for f in current)
+    return {
+        "images": len(images),
+        "same_top1": same,
+        "backends": [backend_of(Path(sys.executable)), backend_of(old_python)],
+        "differences": {f: [current[f], old[f]] for f in current if current[f] != old[f]},
+    }

@@ -1,0 +1,82 @@
+"""nebula convert: a tiny real run -> a gated, self-describing int8 model the device reads."""
+
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import TINY_LABELS, sky_image
+from nebula.cli import cli
+from nebula.convert import export
+from nebula.convert.export import check_gate
+from nebula.device import modelfile
+from nebula.device.runtime import Classifier
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, sky_folder):
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    result = CliRunner().invoke(
+        cli, ["train", "--data", str(sky_folder), "--out", str(out), "--backbone", "tiny", "--epochs", "3", "--unfreeze", "0", "--seed", "1"]
+    )
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_convert_writes_a_model_that_describes_itself(tiny_run, tmp_path):
+    out = tmp_path / "models" / "nebula.tflite"
+    result = CliRunner().invoke(cli, ["convert", str(tiny_run), "--out", str(out), "--representative", "20", "--force"])
+    assert result.exit_code == 0, result.output
+    assert "top-1 agreement" in result.output
+    model = modelfile.read(out)
+    assert model.labels == sorted(TINY_LABELS) or set(model.labels) == set(TINY_LABELS)
+    manifest = model.manifest
+    assert manifest["backbone"] == "tiny"
+    assert manifest["input"]["dtype"] == "uint8" and manifest["input"]["scale"] == pytest.approx(1.0)
+    assert manifest["input"]["zero_point"] == 0
+    assert manifest["versions"]["tensorflow"]
+    metrics = manifest["metrics"]
+    assert metrics["test_images"] > 0 and 0.0 <= metrics["top1_agreement"] <= 1.0
+    assert set(metrics["float"]) == {"accuracy", "macro_f1"} == set(metrics["int8"])
+    # The same facts beside the model, for people and scripts without zipfile.
+    assert (out.parent / "labels.txt").read_text().split() == model.labels
+    assert json.loads((out.parent / "manifest.json").read_text()) == manifest
+    with zipfile.ZipFile(out) as zf:
+        assert json.loads(zf.read("manifest.json"))["sha256"] == manifest["sha256"]
+    # And the device runs it.
+    classifier = Classifier(out)
+    assert classifier.classify(sky_image("emission", size=80, seed=3)).label in model.labels
+
+
+def test_gate_refuses_and_writes_nothing(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "MIN_TOP1_AGREEMENT", 1.01)  # no model can pass this
+    out = tmp_path / "refused.tflite"
+    result = CliRunner().invoke(cli, ["convert", str(tiny_run), "--out", str(out), "--representative", "10"])
+    assert result.exit_code == 1
+    assert "agree on top-1" in result.output and "--force" in result.output
+    assert not out.exists()
+
+
+def test_gate_arithmetic():
+    assert check_gate({"accuracy": 0.80}, {"accuracy": 0.795}, 0.99) == []
+    assert "1.5 points below" in check_gate({"accuracy": 0.80}, {"accuracy": 0.785}, 0.99)[0]
+    assert "96.0%" in check_gate({"accuracy": 0.80}, {"accuracy": 0.80}, 0.96)[0]
+
+
+@pytest.mark.slow
+def test_old_tflite_runtime_gives_the_same_answers(tiny_model_file, tmp_path):
+    """tflite-runtime 2.14.0 (numpy<2, own venv) and LiteRT agree on every top-1."""
+    from PIL import Image
+
+    from nebula.convert.compat import compare_runtimes
+
+    images = []
+    for i, label in enumerate(TINY_LABELS * 4):
+        path = tmp_path / f"{label}-{i}.png"
+        Image.fromarray(sky_image(label, size=72, seed=700 + i)).save(path)
+        images.append(path)
+    report = compare_runtimes(tiny_model_file, images, Path(tmp_path) / "venv-tflite214")
+    assert report["backends"] == ["ai-edge-litert", "tflite-runtime"]
+    assert report["same_top1"] == len(images), report["differences"]
