@@ -1,0 +1,365 @@
+"""Decoding every input a telescope user has, and one clear line for every bad one."""
+
+import io
+import os
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from astropy.io import fits as astrofits
+from PIL import Image
+
+from nebula.device import decode, fits
+from nebula.device.decode import ImageError, SkippedImage, load_image
+from nebula.device.preprocess import PreprocessSpec
+
+# ---------------------------------------------------------------- helpers
+
+
+def linear_frame(height=120, width=160, colour=(1.0, 0.15, 0.2), seed=0, hot_pixels=0) -> np.ndarray:
+    """(3, H, W) uint16 like a camera writes: offset 1000, noise, a faint coloured glow, a few stars."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    glow = np.exp(-((yy - height / 2) ** 2 + (xx - width / 2) ** 2) / (2 * (height / 5) ** 2))
+    frame = 1000 + 400 * glow[None] * np.array(colour)[:, None, None] + rng.normal(0, 15, (3, height, width))
+    for y, x in zip(rng.integers(0, height, 8), rng.integers(0, width, 8)):
+        frame[:, y, x] += 20000
+    if hot_pixels:
+        frame[:, rng.integers(0, height, hot_pixels), rng.integers(0, width, hot_pixels)] = 65535
+    return np.clip(frame, 0, 65535).astype(np.uint16)
+
+
+def write_fits(path, data, **header):
+    hdu = astrofits.PrimaryHDU(data)
+    for key, value in header.items():
+        hdu.header[key] = value
+    hdu.writeto(path, overwrite=True)
+    return path
+
+
+def write_tiff16(path, array):
+    """An uncompressed little-endian TIFF of an HxW or HxWx3 uint16 array (PIL cannot write 16-bit RGB)."""
+    array = np.ascontiguousarray(array, dtype="<u2")
+    height, width = array.shape[:2]
+    samples = 1 if array.ndim == 2 else 3
+    pixels = array.tobytes()
+    n_entries = 10
+    extra_at = 8 + 2 + n_entries * 12 + 4
+    extra = struct.pack("<3H", 16, 16, 16) if samples == 3 else b""
+
+    def short(tag, value):
+        return struct.pack("<HHIHH", tag, 3, 1, value, 0)
+
+    def long(tag, value):
+        return struct.pack("<HHII", tag, 4, 1, value)
+
+    entries = [
+        long(256, width), long(257, height),
+        struct.pack("<HHII", 258, 3, 3, extra_at) if samples == 3 else short(258, 16),
+        short(259, 1), short(262, 2 if samples == 3 else 1), long(273, extra_at + len(extra)),
+        short(277, samples), long(278, height), long(279, len(pixels)), short(284, 1),
+    ]
+    ifd = struct.pack("<H", n_entries) + b"".join(entries) + struct.pack("<I", 0)
+    path.write_bytes(b"II*\x00" + struct.pack("<I", 8) + ifd + extra + pixels)
+    return path
+
+
+def png_header_only(path, width, height):
+    """A PNG whose header claims width x height pixels: the shape of a decompression bomb."""
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    return path
+
+
+def centre(rgb, fraction=8):
+    h, w = rgb.shape[:2]
+    return rgb[h // 2 - h // fraction : h // 2 + h // fraction, w // 2 - w // fraction : w // 2 + w // fraction].reshape(-1, 3).mean(0)
+
+
+def corner(rgb, fraction=8):
+    h, w = rgb.shape[:2]
+    return np.median(rgb[: h // fraction, : w // fraction].reshape(-1, 3), axis=0)
+
+
+# ---------------------------------------------------------------- JPEG, PNG, TIFF
+
+
+def test_jpeg_is_turned_upright_by_exif(tmp_path):
+    array = np.zeros((20, 40, 3), np.uint8)
+    array[:, :20] = (255, 0, 0)  # red on the left, as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to view"
+    Image.fromarray(array).save(tmp_path / "rotated.jpg", exif=exif.tobytes(), quality=95)
+    rgb = load_image(tmp_path / "rotated.jpg")
+    assert rgb.shape == (40, 20, 3)
+    assert rgb[:20, :, 0].mean() > 200 and rgb[20:, :, 0].mean() < 50  # the left became the top
+
+
+def test_large_jpeg_is_decoded_reduced_but_not_below_the_models_need(tmp_path):
+    Image.fromarray(np.full((1200, 1600, 3), 90, np.uint8)).save(tmp_path / "big.jpg")
+    spec = PreprocessSpec(input_size=64)
+    rgb = load_image(tmp_path / "big.jpg", spec)
+    assert rgb.shape == (150, 200, 3)  # 1/8 scale, the DCT's smallest, still >= 64x48
+    assert load_image(tmp_path / "big.jpg").shape == (1200, 1600, 3)
+
+
+def test_png_palette_alpha_and_grey(tmp_path):
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., :3] = (200, 100, 50)
+    rgba[:, :4, 3] = 255  # left opaque, right fully transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+    rgb = load_image(tmp_path / "alpha.png")
+    assert tuple(rgb[0, 0]) == (200, 100, 50) and tuple(rgb[0, 7]) == (0, 0, 0)  # flattened onto black
+
+    palette = Image.fromarray(rgba, "RGBA").convert("RGB").quantize(4)
+    palette.save(tmp_path / "palette.png")
+    assert load_image(tmp_path / "palette.png").shape == (8, 8, 3)
+
+    Image.fromarray(np.full((8, 8), 77, np.uint8), "L").save(tmp_path / "grey.png")
+    assert (load_image(tmp_path / "grey.png") == 77).all()
+
+
+def test_finished_16bit_png_is_scaled_not_stretched(tmp_path):
+    values = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "finished16.png")
+    rgb = load_image(tmp_path / "finished16.png")
+    assert rgb.shape == (64, 64, 3)
+    expected = np.round(values / 257.0)
+    assert np.abs(rgb[..., 0].astype(int) - expected).max() <= 1
+
+
+def test_linear_16bit_tiff_is_stretched_and_keeps_its_colour(tmp_path):
+    frame = np.moveaxis(linear_frame(), 0, 2)
+    rgb = load_image(write_tiff16(tmp_path / "linear16.tif", frame))
+    # Straight 16 -> 8 bit scaling would leave it black (1000/257 = 4); stretched, the sky is dark grey
+    background = corner(rgb)
+    assert 20 < background.mean() < 70
+    red, green, blue = centre(rgb)
+    assert red > background[0] + 60 and red > green + 40 and red > blue + 40
+
+
+def test_linear_16bit_grey_tiff_is_stretched(tmp_path):
+    rgb = load_image(write_tiff16(tmp_path / "mono16.tif", linear_frame()[0]))
+    assert 20 < corner(rgb).mean() < 70 and centre(rgb).mean() > corner(rgb).mean() + 60
+    assert (rgb[..., 0] == rgb[..., 2]).all()
+
+
+def test_8bit_tiff(tmp_path):
+    array = np.random.default_rng(0).integers(0, 255, (10, 12, 3), dtype=np.uint8)
+    Image.fromarray(array).save(tmp_path / "rgb8.tif")
+    assert (load_image(tmp_path / "rgb8.tif") == array).all()
+
+
+# ---------------------------------------------------------------- bad input, one line each
+
+
+def _jpeg_bytes():
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def _png_bytes():
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "name,content,cause",
+    [
+        ("empty.jpg", b"", "empty file"),
+        ("truncated.jpg", _jpeg_bytes()[:600], "truncated"),
+        ("truncated.png", _png_bytes()[:400], "truncated"),
+        ("notes.jpg", b"these are my observing notes, not a picture\n" * 5, "not an image"),
+        ("garbage.fits", b"SIMPLE  =                    T" + b"\0" * 200, "FITS"),
+    ],
+)
+def test_bad_files_are_one_clear_line(tmp_path, name, content, cause):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ImageError) as err:
+        load_image(tmp_path / name)
+    message = str(err.value)
+    assert message.startswith(str(tmp_path / name) + ": ") and "\n" not in message
+    assert cause in message
+
+
+def test_missing_file_and_folder(tmp_path):
+    with pytest.raises(ImageError, match="no such file"):
+        load_image(tmp_path / "absent.jpg")
+    with pytest.raises(ImageError, match="is a folder"):
+        load_image(tmp_path)
+
+
+def test_decompression_bomb_is_refused(tmp_path):
+    path = png_header_only(tmp_path / "bomb.png", 30000, 30000)  # 900 MP claimed, a few bytes stored
+    with pytest.raises(ImageError, match="decompression bomb"):
+        load_image(path)
+
+
+def test_pils_bomb_warning_counts_as_the_error(tmp_path, monkeypatch):
+    Image.fromarray(np.zeros((100, 100, 3), np.uint8)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 6000)  # 10000 pixels: over the warning, under PIL's error
+    with pytest.raises(ImageError, match="decompression bomb"):
+        load_image(tmp_path / "big.png")
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads any file")
+def test_unreadable_file(tmp_path):
+    path = tmp_path / "locked.png"
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(path)
+    path.chmod(0)
+    with pytest.raises(ImageError, match="permission denied"):
+        load_image(path)
+
+
+def test_permission_error_becomes_one_line(tmp_path, monkeypatch):
+    def refuse(path, mode="r", *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(decode, "open", refuse, raising=False)  # as root, chmod 0 does not stop a read
+    with pytest.raises(ImageError, match=r"locked\.png: permission denied"):
+        load_image(tmp_path / "locked.png")
+
+
+def test_truncated_images_stay_errors_even_if_someone_sets_pil_to_allow_them(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    (tmp_path / "cut.jpg").write_bytes(_jpeg_bytes()[:600])
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises(RuntimeError, match="LOAD_TRUNCATED_IMAGES"):
+        load_image(tmp_path / "cut.jpg")
+
+
+# ---------------------------------------------------------------- FITS
+
+
+def test_mono_fits_is_stretched_to_a_dark_grey_sky(tmp_path):
+    rgb = load_image(write_fits(tmp_path / "mono.fits", linear_frame()[0]))
+    assert rgb.shape == (120, 160, 3)
+    assert (rgb[..., 0] == rgb[..., 1]).all()
+    background = corner(rgb).mean()
+    assert abs(background - 255 * fits.TARGET_BACKGROUND) < 15
+    assert centre(rgb).mean() > background + 60
+
+
+def test_rgb_cube_either_axis_order_gives_the_same_picture(tmp_path):
+    cube = linear_frame()
+    planes_first = load_image(write_fits(tmp_path / "first.fits", cube))
+    planes_last = load_image(write_fits(tmp_path / "last.fits", np.moveaxis(cube, 0, 2)))
+    assert (planes_first == planes_last).all()
+    red, green, blue = centre(planes_first)
+    assert red > green + 40 and red > blue + 40
+
+
+def test_hot_pixels_do_not_change_the_stretch(tmp_path):
+    clean = load_image(write_fits(tmp_path / "clean.fits", linear_frame(seed=3)))
+    hot = load_image(write_fits(tmp_path / "hot.fits", linear_frame(seed=3, hot_pixels=40)))
+    assert np.abs(corner(clean) - corner(hot)).max() <= 3
+    assert np.abs(centre(clean) - centre(hot)).max() <= 8
+
+
+def test_nans_are_ignored_and_drawn_black(tmp_path):
+    data = linear_frame()[0].astype(np.float32)
+    reference = load_image(write_fits(tmp_path / "plain.fits", data))
+    data[:, :10] = np.nan  # a stacking border
+    rgb = load_image(write_fits(tmp_path / "border.fits", data))
+    assert (rgb[:, :10] == 0).all()
+    assert np.abs(corner(rgb[:, 10:]) - corner(reference[:, 10:])).max() <= 3
+
+
+def test_float_fits_in_unit_range_already_stretched_is_only_scaled(tmp_path):
+    data = np.random.default_rng(0).uniform(0.2, 0.8, (40, 50)).astype(np.float32)
+    rgb = load_image(write_fits(tmp_path / "processed.fits", data))
+    assert np.abs(rgb[..., 0].astype(float) - data * 255).max() <= 1
+
+
+def _mosaic(cube, pattern):
+    """Sample an RGB cube (3, H, W) through a Bayer filter `pattern` (the array as stored)."""
+    mosaic = np.zeros(cube.shape[1:], cube.dtype)
+    for i, colour in enumerate(pattern):
+        dy, dx = divmod(i, 2)
+        mosaic[dy::2, dx::2] = cube["RGB".index(colour), dy::2, dx::2]
+    return mosaic
+
+
+@pytest.mark.parametrize("pattern", ["RGGB", "BGGR", "GRBG", "GBRG"])
+def test_bayer_mosaic_is_debayered_to_its_colours(tmp_path, pattern):
+    cube = linear_frame()
+    rgb = load_image(write_fits(tmp_path / "osc.fits", _mosaic(cube, pattern), BAYERPAT=pattern))
+    assert rgb.shape == (60, 80, 3)  # superpixel: one RGB pixel per 2x2 cell
+    red, green, blue = centre(rgb)
+    assert red > green + 40 and red > blue + 40, (pattern, red, green, blue)
+
+
+def test_superpixel_values_and_offsets():
+    mosaic = np.array([[1, 2], [3, 4]], np.float32)  # RGGB: R=1, G=2,3, B=4
+    assert debayer(mosaic, "RGGB").ravel().tolist() == [1, 2.5, 4]
+    assert debayer(mosaic, "BGGR").ravel().tolist() == [4, 2.5, 1]
+    big = np.arange(36, dtype=np.float32).reshape(6, 6)
+    # A stored array starting one column into an RGGB pattern is a GRBG array, one row in is GBRG.
+    assert (debayer(big, "RGGB", x_offset=1) == debayer(big, "GRBG")).all()
+    assert (debayer(big, "RGGB", y_offset=1) == debayer(big, "GBRG")).all()
+    assert (debayer(big, "RGGB", x_offset=1, y_offset=1) == debayer(big, "BGGR")).all()
+
+
+def debayer(mosaic, pattern, x_offset=0, y_offset=0):
+    return fits.debayer_superpixel(mosaic, pattern, x_offset, y_offset)
+
+
+def test_bayer_offsets_in_the_header_are_honoured(tmp_path):
+    cube = linear_frame()
+    # The camera's pattern is RGGB, but the stored frame was cropped by one column: its array reads GRBG.
+    path = write_fits(tmp_path / "cropped.fits", _mosaic(cube, "GRBG"), BAYERPAT="RGGB", XBAYROFF=1)
+    red, green, blue = centre(load_image(path))
+    assert red > green + 40 and red > blue + 40
+
+
+@pytest.mark.parametrize("kind", ["Dark", "Dark Frame", "FLAT", "flat field", "Bias Frame", "DARKFLAT", "zero"])
+def test_calibration_frames_are_skipped_with_a_reason(tmp_path, kind):
+    path = write_fits(tmp_path / "calibration.fits", linear_frame()[0], IMAGETYP=kind)
+    with pytest.raises(SkippedImage) as skipped:
+        load_image(path)
+    assert "calibration frame" in skipped.value.cause and kind in skipped.value.cause
+
+
+def test_light_frames_are_classified(tmp_path):
+    assert load_image(write_fits(tmp_path / "light.fits", linear_frame()[0], IMAGETYP="Light Frame")).shape == (120, 160, 3)
+
+
+@pytest.mark.parametrize(
+    "data,cause",
+    [
+        (np.full((20, 20), np.nan, np.float32), "all NaN"),
+        (np.full((20, 20), 1234, np.uint16), "constant image"),
+        (np.zeros((4, 20, 20), np.float32), "unsupported data shape"),
+    ],
+)
+def test_fits_without_a_picture_is_an_error(tmp_path, data, cause):
+    with pytest.raises(ImageError, match=cause):
+        load_image(write_fits(tmp_path / "bad.fits", data))
+
+
+def test_fits_with_only_a_table_or_truncated(tmp_path):
+    table = astrofits.BinTableHDU.from_columns([astrofits.Column(name="flux", format="E", array=np.arange(3.0))])
+    astrofits.HDUList([astrofits.PrimaryHDU(), table]).writeto(tmp_path / "table.fits")
+    with pytest.raises(ImageError, match="no image HDU"):
+        load_image(tmp_path / "table.fits")
+    whole = write_fits(tmp_path / "whole.fits", linear_frame()[0]).read_bytes()
+    (tmp_path / "cut.fits").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ImageError) as err:
+        load_image(tmp_path / "cut.fits")
+    assert "truncated" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_fits_is_recognised_by_content_and_large_frames_are_binned(tmp_path):
+    path = write_fits(tmp_path / "capture.dat", linear_frame(height=480, width=640))
+    rgb = load_image(path, PreprocessSpec(input_size=64))
+    assert rgb.shape == (96, 128, 3)  # binned 5x: still twice the 64x48 the model needs
+    red, green, blue = centre(rgb)
+    assert red > green + 40
