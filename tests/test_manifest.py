@@ -17,6 +17,7 @@ def test_group_from_stem():
     assert group_from_stem("M42_2") == "m42"
     assert group_from_stem("ngc7000") == "ngc7000"
     assert group_from_stem("smc29-1") == "smc29"
+    assert group_from_stem("IMG_0001") != group_from_stem("IMG_0002")
 
 
 def test_grouped_split_keeps_groups_whole_and_covers_everything():

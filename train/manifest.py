@@ -36,8 +36,11 @@ COLUMNS = tuple(f.name for f in fields(ManifestRow))
 
 
 def group_from_stem(stem: str) -> str:
-    """'barnard_loop-3' -> 'barnard_loop', 'M42_2' -> 'm42': numbered views of one object share a group."""
-    return re.sub(r"[-_]\d+$", "", stem.lower()) or stem.lower()
+    """'barnard_loop-3' -> 'barnard_loop', 'M42_2' -> 'm42': numbered views of one object share a group.
+
+    Only a short suffix (1-2 digits) is a view number: camera names like 'IMG_0001' stay distinct.
+    """
+    return re.sub(r"[-_]\d{1,2}$", "", stem.lower()) or stem.lower()
 
 
 def write_manifest(rows: list[ManifestRow], path: str | Path) -> None:
