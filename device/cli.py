@@ -3,34 +3,196 @@
 import click
 
 
+class _ModelExit(click.ClickException):
+    """No usable model or runtime: exit 2, like a usage error, so scripts can tell it from a bad image."""
+
+    exit_code = 2
+
+
+def _classifier(model, num_threads):
+    from nebula.device.classify import ModelUnavailable, open_classifier
+
+    try:
+        return open_classifier(model, num_threads)
+    except ModelUnavailable as err:
+        raise _ModelExit(str(err)) from None
+
+
 @click.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--model", type=click.Path(dir_okay=False), help="Model file [default: $NEBULA_MODEL or models/nebula.tflite]")
-@click.option("--top-k", default=3, show_default=True, help="Candidates listed per image.")
-@click.option("--threshold", default=0.0, show_default=True, help="Below this score the answer is 'unknown'.")
-@click.option("--format", "fmt", type=click.Choice(["table", "jsonl", "csv"]), default="table", show_default=True)
-@click.option("--num-threads", type=int, default=None, help="Interpreter threads [default: runtime's choice].")
+@click.option("--top-k", default=3, show_default=True, type=click.IntRange(1), help="Candidates listed per image.")
+@click.option("--threshold", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="Below this score the answer is 'unknown'.")
+@click.option("--format", "fmt", type=click.Choice(["table", "jsonl", "csv"]), default="table", show_default=True,
+              help="table for people, jsonl for programs, csv for spreadsheets.")
+@click.option("--num-threads", type=click.IntRange(1), default=None, help="Interpreter threads [default: runtime's choice].")
 def classify(paths, model, top_k, threshold, fmt, num_threads):
     """Classify photographs: files or folders (recursive); JPEG, PNG, TIFF, FITS.
 
-    Example: nebula classify ~/captures/M42.fits --format jsonl
+    Linear FITS and 16-bit TIFF data are auto-stretched first; dark, flat and
+    bias frames are skipped. Results stream out one line per image; an image
+    that cannot be read gets one error line and the run goes on. Exit code 1
+    if any image failed, 2 if there is no usable model.
+
+    \b
+    Example:
+      nebula classify ~/captures/M42.fits captures/2024-11-02/ --format jsonl
     """
-    raise click.ClickException("not implemented yet")
+    from nebula.device.classify import ResultWriter, classify_paths
+
+    classifier = _classifier(model, num_threads)
+    writer = ResultWriter(fmt, classifier.sha256, classifier.labels, top_k)
+    seen = failed = 0
+    for result in classify_paths(classifier, paths, top_k=top_k, threshold=threshold):
+        writer.write(result)
+        seen += 1
+        failed += result.failed
+    if seen == 0:
+        raise click.ClickException(f"no images found in {', '.join(paths)}")
+    if failed:
+        click.echo(f"{failed} of {seen} inputs failed", err=True)
+        raise SystemExit(1)
+
+
+def _progress_line(what: str, done: int, total: int) -> None:
+    """One progress line on stderr, rewritten in place on a terminal; only the final count in a log."""
+    import sys
+
+    if sys.stderr.isatty():
+        click.echo(f"\r{what}: {done}/{total}", err=True, nl=done == total)
+    elif done == total:
+        click.echo(f"{what}: {done}/{total}", err=True)
 
 
 @click.command()
-def bench():
-    """Time each stage of classification on camera-sized images."""
-    raise click.ClickException("not implemented yet")
+@click.option("--model", type=click.Path(dir_okay=False), help="Model file [default: $NEBULA_MODEL or models/nebula.tflite]")
+@click.option("--images", default=200, show_default=True, type=click.IntRange(1), help="Synthetic camera frames to time.")
+@click.option("--size", default="1024x768", show_default=True, help="Frame size WIDTHxHEIGHT of the generated JPEGs.")
+@click.option("--threads", default="1,2", show_default=True, help="Interpreter thread counts to time, comma-separated.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the results here as JSON.")
+def bench(model, images, size, threads, json_out):
+    """Time each stage of classification on camera-sized JPEGs; peak memory; model size.
+
+    Generates synthetic sky frames (noise, stars, a nebula glow) once, then for each
+    thread count reports the median and p90 of decode, preprocess, invoke,
+    postprocess and end to end, the bare invoke (the model alone, same input,
+    repeated), and end to end / bare invoke. Peak RSS comes from a fresh process
+    that classifies one image with TensorFlow blocked (the device path only).
+
+    \b
+    Example:
+      nebula bench --model models/nebula.tflite --json models/bench.json
+    """
+    from nebula.device.bench import BenchError, format_table, run_bench
+
+    try:
+        width, height = (int(v) for v in size.lower().split("x"))
+        thread_counts = [int(t) for t in threads.split(",") if t.strip()]
+    except ValueError:
+        raise click.BadParameter("expected WIDTHxHEIGHT such as 1024x768, and threads such as 1,2") from None
+    _classifier(model, 1)  # one clear line now, before generating images, if the model is unusable
+    try:
+        report = run_bench(model, images=images, size=(width, height), thread_counts=thread_counts, progress=_progress_line)
+    except BenchError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(format_table(report))
+    if json_out:
+        import json
+        from pathlib import Path
+
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
+        click.echo(f"wrote {json_out}", err=True)
+
+
+def _run_config(flags: dict, config_file):
+    from nebula.device.config import ConfigError, resolve
+
+    try:
+        return resolve(flags, config_file)
+    except ConfigError as err:
+        raise click.UsageError(str(err)) from None
 
 
 @click.command()
-def run():
-    """Classify live camera frames or new captures in a folder."""
-    raise click.ClickException("not implemented yet")
+@click.option("--source", type=click.Choice(["camera", "watch", "fake"]), default=None,
+              help="Where frames come from [default: fake, or watch when --watch-dir is given].")
+@click.option("--watch-dir", type=click.Path(file_okay=False), help="Folder to watch for new captures (with --source watch).")
+@click.option("--web/--no-web", default=None, help="Also serve the web page [default: no].")
+@click.option("--host", help="Web page address [default: 127.0.0.1; 0.0.0.0 opens it to the LAN].")
+@click.option("--port", type=click.IntRange(0, 65535), help="Web page port [default: 8080].")
+@click.option("--model", type=click.Path(dir_okay=False), help="Model file [default: $NEBULA_MODEL or models/nebula.tflite]")
+@click.option("--threshold", type=click.FloatRange(0, 1), help="Below this score the answer is 'unknown' [default: 0.5].")
+@click.option("--top-k", type=click.IntRange(1), help="Candidates logged per item [default: 3].")
+@click.option("--smooth", type=click.IntRange(1), help="Camera: average the last N frames [default: 5; 1 = off].")
+@click.option("--max-fps", type=click.FloatRange(0), help="Camera/fake: at most this many frames a second [default: 5; 0 = no limit].")
+@click.option("--log", type=click.Path(dir_okay=False), help="Results log, JSON lines [default: ~/.local/state/nebula-classifier/results.jsonl].")
+@click.option("--sidecar/--no-sidecar", default=None, help="Watch: write <capture>.json beside each capture [default: no].")
+@click.option("--exposure-us", type=click.IntRange(1), help="Camera: manual exposure time in microseconds (auto-exposure off).")
+@click.option("--gain", type=click.FloatRange(min=0, min_open=True), help="Camera: manual analogue gain (auto-exposure off).")
+@click.option("--poll", "poll_s", type=click.FloatRange(min=0, min_open=True), help="Watch: seconds between looks at the folder [default: 1].")
+@click.option("--max-frames", type=click.IntRange(1), help="Stop after this many items [default: run until stopped].")
+@click.option("--num-threads", type=click.IntRange(1), help="Interpreter threads [default: runtime's choice].")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="TOML config file [default: /etc/nebula-classifier/config.toml, then ~/.config/nebula-classifier/config.toml].")
+def run(config_file, **flags):
+    """Classify live camera frames or new captures in a folder, until stopped.
+
+    \b
+    Sources:
+      --source camera                    the Raspberry Pi camera (picamera2)
+      --source watch --watch-dir DIR     new FITS/JPEG/PNG/TIFF captures under DIR
+                                         (INDI, Ekos/KStars <target>/Light/<filter>/, ...)
+      --source fake                      generated frames, for a demo
+
+    Every item gets one line in the results log (JSON lines, flushed per line);
+    a capture is classified once, when complete, also across restarts. Settings
+    come from defaults, then the config file, then these flags. SIGTERM or
+    Ctrl-C finishes the current item and exits 0.
+
+    \b
+    Examples:
+      nebula run --source watch --watch-dir ~/Pictures/Ekos --sidecar --web
+      nebula run --source camera --exposure-us 2000000 --gain 8 --web --host 0.0.0.0
+    """
+    from nebula.device import daemon
+    from nebula.device.camera import CameraError
+    from nebula.device.classify import ModelUnavailable
+    from nebula.device.web import WebServerError
+
+    config, files = _run_config(flags, config_file)
+    try:
+        finished = daemon.run(config, files, announce=lambda line: click.echo(line, err=True))
+    except ModelUnavailable as err:
+        raise _ModelExit(str(err)) from None
+    except (CameraError, WebServerError) as err:
+        raise click.ClickException(str(err)) from None
+    except OSError as err:  # no watch folder, a log folder that is not writable
+        raise click.ClickException(f"{err.filename}: {err.strerror}" if err.filename else str(err)) from None
+    errors = f"{finished.errors} error{'' if finished.errors == 1 else 's'}"
+    click.echo(f"stopped after {finished.count} items ({errors}); results in {config.log}", err=True)
 
 
 @click.command()
-def serve():
-    """Serve the local web page."""
-    raise click.ClickException("not implemented yet")
+@click.option("--host", help="Address to listen on [default: 127.0.0.1; 0.0.0.0 opens it to the LAN].")
+@click.option("--port", type=click.IntRange(0, 65535), help="Port [default: 8080].")
+@click.option("--model", type=click.Path(dir_okay=False), help="Model file [default: $NEBULA_MODEL or models/nebula.tflite]")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML config file (its [web] host/port and model).")
+def serve(host, port, model, config_file):
+    """Serve the local web page: upload a photo, see the top candidates with confidence bars.
+
+    Uploads up to 25 MB of JPEG, PNG, TIFF or FITS (checked by content). For the
+    live view of the telescope, use 'nebula run --web' instead. Stops on Ctrl-C or SIGTERM.
+
+    \b
+    Example:
+      nebula serve --model models/nebula.tflite --port 8080
+    """
+    from nebula.device import web
+
+    config, _ = _run_config({"host": host, "port": port, "model": model}, config_file)
+    classifier = _classifier(config.model, config.num_threads)
+    try:
+        web.serve(classifier, config.host, config.port, announce=lambda line: click.echo(line, err=True), top_k=config.top_k)
+    except web.WebServerError as err:
+        raise click.ClickException(str(err)) from None

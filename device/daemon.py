@@ -1,0 +1,282 @@
+"""The loop at the telescope: frame source -> classify -> results log (and the web page).
+
+Every item the source yields gets exactly one line in an append-only JSON-lines
+log, flushed per line, so a kill loses nothing already classified. The lines have
+the keys of ``nebula classify --format jsonl``:
+
+- classified: ``file`` (a capture) or ``frame`` (a camera frame number), ``label``,
+  ``score``, ``top_k``, ``inference_ms``, ``model_sha256``, ``utc``, then the source's
+  extras (``size``/``mtime_ns``/``target``/``filter`` for captures, ``exposure_us``/``gain``
+  for the camera); live sources add ``frame_label`` (this frame alone) and
+  ``smoothed_over`` (how many frames the label averages);
+- failed: ``file`` or ``frame``, ``error`` (one line), ``utc``; the loop goes on;
+- skipped (calibration frames): ``file``, ``skipped``, ``utc``.
+
+Live sources are smoothed: the label comes from the mean of the last N frames'
+probabilities, so it does not flicker between two classes on a noisy sky. A
+watched folder's captures are classified one by one, and the log is also the
+folder's memory: a restart reads it and skips what it already holds.
+
+SIGTERM and SIGINT finish the current item, log it, and end the loop (exit 0).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from nebula.device.camera import FakeCamera, FileKey, Frame, FrameSource, PiCamera, WatchFolder
+from nebula.device.config import RunConfig, write_resolved
+from nebula.device.runtime import Classifier, Prediction
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class ResultsLog:
+    """An append-only JSON-lines file, flushed after every line."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record, separators=(", ", ": ")) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def processed_files(log: str | Path) -> set[FileKey]:
+    """The captures a results log already holds a line for, as (file, size, mtime_ns) keys.
+
+    A line cut short by a power cut is not valid JSON and is ignored: that capture
+    is classified again, which is the right thing.
+    """
+    keys = set()
+    try:
+        file = open(log, encoding="utf-8")
+    except FileNotFoundError:
+        return keys
+    with file:
+        for line in file:
+            try:
+                record = json.loads(line)
+                keys.add((record["file"], record["size"], record["mtime_ns"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+    return keys
+
+
+class Smoother:
+    """Mean of the last `n` probability vectors."""
+
+    def __init__(self, n: int):
+        self._recent: deque[np.ndarray] = deque(maxlen=max(1, n))
+
+    def add(self, probabilities: np.ndarray) -> np.ndarray:
+        self._recent.append(probabilities)
+        return np.mean(self._recent, axis=0)
+
+    def __len__(self) -> int:
+        return len(self._recent)
+
+
+class Daemon:
+    """Runs one source through one classifier into one log until the source ends or `stop()`."""
+
+    def __init__(
+        self,
+        classifier: Classifier,
+        source: FrameSource,
+        log: ResultsLog,
+        threshold: float = 0.5,
+        top_k: int = 3,
+        smooth: int = 5,
+        max_fps: float = 0.0,
+        max_frames: int | None = None,
+        sidecar: bool = False,
+        on_result: Callable[[dict, Frame], None] | None = None,
+        lock: threading.Lock | None = None,
+    ):
+        self.classifier, self.source, self.log = classifier, source, log
+        self.threshold, self.top_k, self.max_fps, self.max_frames = threshold, top_k, max_fps, max_frames
+        self.sidecar, self.on_result = sidecar, on_result
+        self.lock = lock or threading.Lock()  # the interpreter is not thread-safe: shared with the web page
+        self.smoother = Smoother(smooth if source.live else 1)
+        self._label_index = {label: i for i, label in enumerate(classifier.labels)}
+        self.count = self.errors = 0
+        self._stopping = False
+
+    def stop(self) -> None:
+        """Finish the current item, then end. Safe in a signal handler."""
+        self._stopping = True
+        self.source.stop()
+
+    def run(self) -> int:
+        """Process items until the source ends, `max_frames`, or `stop()`; returns the number logged."""
+        frames = self.source.frames()
+        interval = 1.0 / self.max_fps if self.source.live and self.max_fps > 0 else 0.0
+        next_at = time.monotonic()
+        try:
+            for frame in frames:
+                record = self.process(frame)
+                if self.sidecar and frame.path is not None:
+                    _write_sidecar(frame.path, record)
+                self.log.write(record)
+                self.count += 1
+                self.errors += "error" in record
+                if self.on_result is not None:
+                    self.on_result(record, frame)
+                if self._stopping or (self.max_frames and self.count >= self.max_frames):
+                    break
+                if interval:
+                    next_at = max(next_at + interval, time.monotonic() - interval)
+                    self.source.wait(next_at - time.monotonic())
+        finally:
+            frames.close()
+        return self.count
+
+    def process(self, frame: Frame) -> dict:
+        """One item to one record (never raises for a bad frame: the record says what went wrong)."""
+        head = {"file": str(frame.path)} if frame.path is not None else {"frame": int(frame.id) if frame.id.isdigit() else frame.id}
+        if frame.error is not None:
+            return {**head, "error": frame.error, "utc": utc_now(), **frame.metadata}
+        if frame.skipped is not None:
+            return {**head, "skipped": frame.skipped, "utc": utc_now(), **frame.metadata}
+        labels = self.classifier.labels
+        try:
+            with self.lock:
+                single = self.classifier.classify(frame.rgb, top_k=len(labels), threshold=self.threshold)
+        except (ValueError, RuntimeError) as err:
+            return {**head, "error": f"cannot classify ({_one_line(err)})", "utc": utc_now(), **frame.metadata}
+        probabilities = np.zeros(len(labels), dtype=np.float32)
+        for label, score in single.top_k:
+            probabilities[self._label_index[label]] = score
+        averaged = self.smoother.add(probabilities)
+        answer = Prediction.from_probabilities(averaged, labels, self.top_k, self.threshold)
+        record = {
+            **head,
+            "label": answer.label,
+            "score": round(answer.score, 4),
+            "top_k": [[label, round(score, 4)] for label, score in answer.top_k],
+            "inference_ms": round(single.timings_ms["invoke"], 3),
+            "model_sha256": self.classifier.sha256,
+            "utc": utc_now(),
+        }
+        if self.source.live:
+            record["frame_label"] = single.label
+            record["smoothed_over"] = len(self.smoother)
+        record.update(frame.metadata)
+        return record
+
+
+def _write_sidecar(capture: Path, record: dict) -> None:
+    """``<capture>.json`` beside the capture (atomically); a failure is noted in the record, not fatal."""
+    target = capture.with_name(capture.name + ".json")
+    tmp = capture.with_name(f".{capture.name}.json.tmp")
+    try:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, target)
+    except OSError as err:
+        record["sidecar_error"] = f"{target}: {err.strerror or err}"
+
+
+def _one_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+@contextmanager
+def stop_on_signals(daemon: Daemon) -> Iterator[None]:
+    """SIGTERM/SIGINT ask the daemon to finish the current item; a second SIGINT interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, _frame):
+        if daemon._stopping and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        daemon.stop()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def make_source(config: RunConfig, log_path: str | Path | None = None) -> FrameSource:
+    """The frame source a configuration names (a watched folder remembers what the log holds)."""
+    if config.source == "camera":
+        return PiCamera(exposure_us=config.exposure_us, gain=config.gain, preview_size=(config.preview_width, config.preview_height))
+    if config.source == "watch":
+        return WatchFolder(config.watch_dir, poll_s=config.poll_s, done=processed_files(log_path or config.log))
+    return FakeCamera()
+
+
+def run(
+    config: RunConfig,
+    config_files: list[Path] = (),
+    source: FrameSource | None = None,
+    on_result: Callable[[dict, Frame], None] | None = None,
+    announce: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
+) -> Daemon:
+    """Load the model, open the source, serve the page if asked, and loop until done or signalled.
+
+    Raises ModelUnavailable (no usable model), FileNotFoundError (no watch folder),
+    CameraError (the camera did not come back) and OSError (web port taken).
+    """
+    from nebula.device.classify import open_classifier
+
+    classifier = open_classifier(config.model, config.num_threads)
+    source = source or make_source(config)
+    lock = threading.Lock()
+    server = None
+    callbacks = [on_result] if on_result else []
+    if config.web:
+        from nebula.device.web import LiveState, start_server
+
+        state = LiveState()
+        server = start_server(classifier, config.host, config.port, state=state, lock=lock)
+        callbacks.append(state.update)
+        announce(f"web page: {server.url}")
+
+    def notify(record: dict, frame: Frame) -> None:
+        for callback in callbacks:
+            callback(record, frame)
+
+    log = ResultsLog(config.log)
+    try:
+        source.open(classifier.spec)
+        write_resolved(config, list(config_files), {"model_path": str(classifier.path), "model_sha256": classifier.sha256})
+        daemon = Daemon(
+            classifier, source, log, threshold=config.threshold, top_k=config.top_k, smooth=config.smooth,
+            max_fps=config.max_fps, max_frames=config.max_frames, sidecar=config.sidecar,
+            on_result=notify if callbacks else None, lock=lock,
+        )
+        announce(f"classifying {config.source}{' ' + str(config.watch_dir) if config.source == 'watch' else ''} "
+                 f"with {classifier.path}; results in {config.log}")
+        with stop_on_signals(daemon):
+            daemon.run()
+    finally:
+        source.close()
+        log.close()
+        if server is not None:
+            server.stop()
+    return daemon
