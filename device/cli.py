@@ -19,14 +19,15 @@ def _classifier(model, num_threads):
 
 
 @click.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.argument("paths", nargs=-1, type=click.Path(path_type=str))
+@click.option("--files-from", type=click.File("r"), help="Also classify the paths listed in this file, one per line ('-' = stdin).")
 @click.option("--model", type=click.Path(dir_okay=False), help="Model file [default: $NEBULA_MODEL or models/nebula.tflite]")
 @click.option("--top-k", default=3, show_default=True, type=click.IntRange(1), help="Candidates listed per image.")
 @click.option("--threshold", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="Below this score the answer is 'unknown'.")
 @click.option("--format", "fmt", type=click.Choice(["table", "jsonl", "csv"]), default="table", show_default=True,
               help="table for people, jsonl for programs, csv for spreadsheets.")
 @click.option("--num-threads", type=click.IntRange(1), default=None, help="Interpreter threads [default: runtime's choice].")
-def classify(paths, model, top_k, threshold, fmt, num_threads):
+def classify(paths, files_from, model, top_k, threshold, fmt, num_threads):
     """Classify photographs: files or folders (recursive); JPEG, PNG, TIFF, FITS.
 
     Linear FITS and 16-bit TIFF data are auto-stretched first; dark, flat and
@@ -35,10 +36,16 @@ def classify(paths, model, top_k, threshold, fmt, num_threads):
     if any image failed, 2 if there is no usable model.
 
     \b
-    Example:
+    Examples:
       nebula classify ~/captures/M42.fits captures/2024-11-02/ --format jsonl
+      find ~/captures -name '*.fits' -mmin -60 | nebula classify --files-from -
     """
     from nebula.device.classify import ResultWriter, classify_paths
+
+    if files_from:
+        paths = (*paths, *(line.strip() for line in files_from if line.strip()))
+    if not paths:
+        raise click.UsageError("give image files or folders, or --files-from FILE")
 
     classifier = _classifier(model, num_threads)
     writer = ResultWriter(fmt, classifier.sha256, classifier.labels, top_k)

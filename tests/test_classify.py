@@ -200,3 +200,26 @@ def test_device_extra_installs_no_tensorflow(tmp_path):
     assert train.returncode == 2
     (line,) = train.stderr.strip().splitlines()
     assert "nebula-classifier[train]" in line
+
+
+def test_files_from_reads_paths_one_per_line(tiny_model_file, tmp_path):
+    from PIL import Image
+
+    from conftest import sky_image
+
+    listed = []
+    for i, label in enumerate(["emission", "reflection"]):
+        path = tmp_path / f"{label}-{i}.png"
+        Image.fromarray(sky_image(label, size=64, seed=900 + i)).save(path)
+        listed.append(str(path))
+    (tmp_path / "list.txt").write_text("\n".join(listed) + "\n\n")
+    result = CliRunner().invoke(cli, ["classify", "--model", str(tiny_model_file), "--format", "jsonl", "--files-from", str(tmp_path / "list.txt")])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.output.splitlines()]
+    assert [r["file"] for r in records] == listed
+    assert [r["label"] for r in records] == ["emission", "reflection"]
+
+
+def test_no_paths_at_all_is_a_usage_error(tiny_model_file):
+    result = CliRunner().invoke(cli, ["classify", "--model", str(tiny_model_file)])
+    assert result.exit_code == 2 and "--files-from" in result.output
