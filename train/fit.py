@@ -1,0 +1,363 @@
+"""The training procedure behind `nebula train`: transfer learning that is fast on two CPU cores.
+
+    nebula train --data data/stellarium --out models/runs/main
+
+1. Split by object group (grouped_split), so no nebula is in both train and test.
+2. Decode every image once; make `views` views of each training image (view 0
+   plain, the rest augmented) and push them once through the frozen bottom of the
+   backbone -- the units below the `--unfreeze` cut. Those cached tensors are
+   all the later phases train on, which is what makes them fast.
+3. Phase 1 (head): the top units stay frozen; their pooled features train the
+   head (dropout + dense softmax) with class-balanced sample weights.
+4. Phase 2 (fine-tune, if --unfreeze N > 0): the top N units and the head train
+   together on the cached tensors at a low learning rate. BatchNorm stays frozen.
+Each phase stops early on validation macro-F1 and keeps its best epoch; phase 2
+starts from phase 1's best, so it can only replace it by beating it on validation.
+The test split is scored once, at the end, with the device's preprocessing.
+
+Models are built inside a tf.distribute strategy: MirroredStrategy when several
+GPUs are visible (one process then uses them all), else the default strategy.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from nebula.device.preprocess import PreprocessSpec
+from nebula.train import report, run as runfiles
+from nebula.train.augment import augment, save_grid, view_rng
+from nebula.train.dataset import (
+    DecodedImages,
+    augmented_views,
+    class_weights,
+    decode_rows,
+    image_batches,
+    training_pipeline,
+    view_labels,
+)
+from nebula.train.evaluate import Evaluation, format_scores, predict_keras, score
+from nebula.train.manifest import LABELS, grouped_split, label_counts, load_dataset
+
+
+@dataclass
+class TrainConfig:
+    """Defaults, then flags; the resolved values are written to config.json."""
+
+    data: str
+    out: str
+    backbone: str = "efficientnet_lite0"
+    weights: str = "pretrained"
+    head_epochs: int = 40  # the most epochs of phase 1 (cached features: a fraction of a second each)
+    epochs: int = 12  # the most epochs of phase 2 (fine-tuning); early stopping may end either phase sooner
+    unfreeze: int = 2  # top units fine-tuned in phase 2 (0 = head only)
+    views: int = 4  # views per training image: the plain one + augmented ones
+    seed: int = 0
+    batch_size: int = 32
+    head_lr: float = 1e-3
+    finetune_lr: float = 1e-4
+    dropout: float = 0.3
+    patience: int = 4  # epochs without a better validation macro-F1 before a phase stops
+    val: float = 0.15
+    test: float = 0.15
+
+
+class TrainingError(Exception):
+    """A run that cannot start; the message is one line saying why."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    labels: list[str]
+    test: Evaluation
+    metrics: dict
+
+
+def ordered_labels(rows) -> list[str]:
+    """The dataset's labels: the project's known labels in their fixed order, then any others sorted."""
+    present = {r.label for r in rows}
+    return [label for label in LABELS if label in present] + sorted(present - set(LABELS))
+
+
+def distribution_strategy():
+    """MirroredStrategy over all visible GPUs when there are several, else the default strategy."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
+
+
+def make_deterministic(seed: int) -> None:
+    """Same seed, same run: seeds Python, NumPy and TensorFlow, and asks TF for deterministic ops."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+
+
+def _macro_f1_and_accuracy(probs: np.ndarray, truth: np.ndarray, labels: list[str]) -> tuple[float, float]:
+    s = score([labels[i] for i in truth], [labels[i] for i in probs.argmax(1)], labels)
+    return s["macro_f1"], s["accuracy"]
+
+
+def _fit_phase(name, model, train_data, val_inputs, val_truth, labels, epochs, patience, batch_size, echo, history,
+               best=None):
+    """Fit with early stopping on validation macro-F1; restores the best weights. Returns (macro-F1, accuracy)."""
+    import keras
+
+    best_f1, best_acc, best_weights = best if best else (-1.0, 0.0, None)
+
+    class BestOnValidation(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            nonlocal best_f1, best_acc, best_weights
+            probs = self.model.predict(val_inputs, batch_size=batch_size, verbose=0)
+            f1, acc = _macro_f1_and_accuracy(probs, val_truth, labels)
+            improved = f1 > best_f1 + 1e-6
+            if improved:
+                best_f1, best_acc, best_weights = f1, acc, self.model.get_weights()
+                self.since_best = 0
+            else:
+                self.since_best = getattr(self, "since_best", 0) + 1
+            loss = float(logs["loss"])
+            history.append({"epoch": epoch + 1, "loss": loss, "val_accuracy": acc, "val_macro_f1": f1})
+            echo(f"{name} epoch {epoch + 1:>2}/{epochs}  loss {loss:.4f}  val acc {acc:.3f}  "
+                 f"val macro-F1 {f1:.3f}{'  *best' if improved else ''}")
+            if self.since_best >= patience:
+                self.model.stop_training = True
+
+    model.fit(train_data, epochs=epochs, shuffle=False, verbose=1 if sys.stdout.isatty() else 0, callbacks=[BestOnValidation()])
+    if best_weights is not None:
+        model.set_weights(best_weights)
+    return best_f1, best_acc
+
+
+def train(config: TrainConfig, echo: Callable[[str], None] = print) -> TrainResult:
+    """Run the whole procedure and write the run folder; returns the test-split evaluation."""
+    import keras
+
+    from nebula.train import backbones
+
+    t_start = time.perf_counter()
+    wall: dict[str, float] = {}
+    data_dir = Path(config.data).resolve()
+    out = Path(config.out)
+    if not data_dir.is_dir():
+        raise TrainingError(f"{data_dir}: no such dataset folder")
+    try:
+        backbone_info = backbones.get(config.backbone)
+    except KeyError as err:
+        raise TrainingError(str(err.args[0])) from None
+    rows = load_dataset(data_dir)
+    if not rows:
+        raise TrainingError(f"{data_dir}: no labelled images (expected manifest.csv or one sub-folder per label)")
+    labels = ordered_labels(rows)
+    if len(labels) < 2:
+        raise TrainingError(f"{data_dir}: only one label ({labels[0]}); a classifier needs two or more")
+    make_deterministic(config.seed)
+    splits = grouped_split(rows, val=config.val, test=config.test, seed=config.seed)
+    for split in ("train", "val"):
+        if not splits[split]:
+            raise TrainingError(f"{data_dir}: the {split} split is empty ({len(rows)} images are too few to split by group)")
+    spec = PreprocessSpec(input_size=backbone_info.input_size, resize_mode="fit")
+    out.mkdir(parents=True, exist_ok=True)
+    runfiles.write_split(out / runfiles.SPLIT_NAME, splits)
+    echo(f"{len(rows)} images, {len(labels)} labels; split by object group: "
+         + ", ".join(f"{s} {len(splits[s])}" for s in ("train", "val", "test")))
+
+    # Decode once.
+    t = time.perf_counter()
+    warn = lambda line: echo(line)  # noqa: E731
+    train_images = decode_rows(splits["train"], data_dir, spec, labels, keep_reduced=True, progress="decode train", warn=warn)
+    val_images = decode_rows(splits["val"], data_dir, spec, labels, progress="decode val", warn=warn)
+    wall["decode_s"] = time.perf_counter() - t
+    if not len(train_images) or not len(val_images):
+        raise TrainingError(f"{data_dir}: no readable images in the train or val split")
+    _save_augment_samples(train_images, spec, config, out / runfiles.AUGMENT_PNG)
+
+    strategy = distribution_strategy()
+    echo(f"strategy {type(strategy).__name__} over {strategy.num_replicas_in_sync} replica(s); "
+         f"backbone {config.backbone} {spec.input_size}px, unfreeze {config.unfreeze}, {config.views} views/image")
+    history: dict[str, list[dict]] = {"phase 1: head": [], "phase 2: fine-tune": []}
+    with strategy.scope():
+        try:
+            backbone = backbones.create(config.backbone, config.weights)
+        except backbones.BackboneUnavailable as err:
+            raise TrainingError(str(err)) from None
+        n_units = len(backbones.trainable_units(backbone))
+        if config.unfreeze > n_units:
+            raise TrainingError(f"--unfreeze {config.unfreeze}: backbone {config.backbone} has only {n_units} units")
+        backbone.trainable = False
+        # layers[:cut] are frozen and their output cached; head-only caches the pooled features.
+        cut = len(backbone.layers) - 1 - config.unfreeze if config.unfreeze else len(backbone.layers)
+        bottom = _chain(backbone.layers[:cut], keras.Input((spec.input_size, spec.input_size, 3)), "bottom")
+        if config.unfreeze:
+            top_frozen = _chain(backbone.layers[cut:], keras.Input(tuple(bottom.outputs[0].shape[1:])), "top")
+        dropout = keras.layers.Dropout(config.dropout, name="head_dropout")
+        classifier = keras.layers.Dense(len(labels), activation="softmax", name="classifier")
+
+    # Cache the frozen bottom's output for every training view and validation image.
+    t = time.perf_counter()
+    n_views = len(train_images) * config.views
+    echo(f"caching the frozen bottom ({cut} of {len(backbone.layers)} layers) for {n_views} training views")
+    cached_train = _predict_with_progress(bottom, augmented_views(train_images, spec, config.views, config.seed, config.batch_size),
+                                          n_views, config.batch_size, "training views")
+    cached_val = bottom.predict(image_batches(val_images.prepared, config.batch_size), verbose=0)
+    y_train = view_labels(train_images, config.views)
+    weights = class_weights(y_train, len(labels))[y_train]
+    features_train = top_frozen.predict(cached_train, batch_size=config.batch_size, verbose=0) if config.unfreeze else cached_train
+    features_val = top_frozen.predict(cached_val, batch_size=config.batch_size, verbose=0) if config.unfreeze else cached_val
+    wall["cache_s"] = time.perf_counter() - t
+
+    # Phase 1: the head on pooled features.
+    t = time.perf_counter()
+    with strategy.scope():
+        head_input = keras.Input(features_train.shape[1:])
+        head = keras.Model(head_input, classifier(dropout(head_input)), name="head")
+        head.compile(optimizer=keras.optimizers.Adam(config.head_lr), loss="sparse_categorical_crossentropy")
+    data = training_pipeline(features_train, y_train, weights, config.batch_size, config.seed)
+    best = _fit_phase("phase 1 (head)", head, data, features_val, val_images.labels, labels, config.head_epochs,
+                      config.patience, config.batch_size, echo, history["phase 1: head"])
+    validation = {"phase1": {"macro_f1": best[0], "accuracy": best[1]}}
+    wall["phase1_s"] = time.perf_counter() - t
+
+    # Phase 2: the top units + head on the cached bottom output.
+    if config.unfreeze:
+        t = time.perf_counter()
+        with strategy.scope():
+            backbones.unfreeze_top(backbone, config.unfreeze)
+            top_input = keras.Input(cached_train.shape[1:])
+            x = top_input
+            for layer in backbone.layers[cut:]:
+                x = layer(x)
+            top = keras.Model(top_input, classifier(dropout(x)), name="top_and_head")
+            top.compile(optimizer=keras.optimizers.Adam(config.finetune_lr), loss="sparse_categorical_crossentropy")
+        data = training_pipeline(cached_train, y_train, weights, config.batch_size, config.seed + 1)
+        best = _fit_phase("phase 2 (fine-tune)", top, data, cached_val, val_images.labels, labels, config.epochs,
+                          config.patience, config.batch_size, echo, history["phase 2: fine-tune"],
+                          best=(best[0], best[1], top.get_weights()))
+        validation["phase2"] = {"macro_f1": best[0], "accuracy": best[1]}
+        wall["phase2_s"] = time.perf_counter() - t
+    validation["final"] = {"macro_f1": best[0], "accuracy": best[1]}
+
+    # One model, raw RGB in, softmax out: the backbone (now holding the tuned top units) + the head.
+    with strategy.scope():
+        backbone.trainable = False
+        image = keras.Input((spec.input_size, spec.input_size, 3), name="image")
+        model = keras.Model(image, classifier(dropout(backbone(image))), name="nebula_classifier")
+    model.save(out / runfiles.MODEL_NAME)
+    runfiles.write_labels(out / runfiles.LABELS_NAME, labels)
+    runfiles.write_json(out / runfiles.PREPROCESS_NAME, spec.to_dict())
+    extra = {"feature_dim": int(features_train.shape[-1]), "cut_layer": cut, "strategy": type(strategy).__name__,
+             "replicas": strategy.num_replicas_in_sync}
+    config_record = _config_record(config, data_dir, out, labels, spec, splits, train_images.skipped + val_images.skipped, extra)
+    runfiles.write_json(out / runfiles.CONFIG_NAME, config_record)
+    runfiles.write_json(out / runfiles.HISTORY_NAME, history)
+
+    # The test split, once, through the device's preprocessing.
+    t = time.perf_counter()
+    test = _evaluate_split(model, labels, spec, data_dir, splits["test"], config.batch_size, warn)
+    wall["test_s"] = time.perf_counter() - t
+    wall["total_s"] = time.perf_counter() - t_start
+    metrics = {
+        "split": "test",
+        "images": len(test.paths),
+        **test.scores,
+        "validation": validation,
+        "wall_time_s": {k: round(v, 1) for k, v in wall.items()},
+        "skipped_test_images": [str(e) for e in test.skipped],
+    }
+    runfiles.write_json(out / runfiles.METRICS_NAME, metrics)
+    report.curves_png(history, out / runfiles.CURVES_PNG)
+    if test.paths:
+        report.confusion_png(test.scores, out / runfiles.CONFUSION_PNG, title="Test split")
+    report.mistakes_html(test, out / runfiles.MISTAKES_HTML, title=f"Worst mistakes on the test split of {out.name}")
+    return TrainResult(out, labels, test, metrics)
+
+
+def _config_record(config, data_dir, out, labels, spec, splits, skipped, extra) -> dict:
+    """The resolved configuration for config.json: flags, where the data was, versions, label counts per split."""
+    import keras
+    import tensorflow as tf
+
+    return {
+        **asdict(config),
+        "data_dir": str(data_dir),
+        "out": str(out.resolve()),
+        "run_name": out.name,
+        "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "labels": labels,
+        "input_size": spec.input_size,
+        **extra,
+        "label_counts": {s: dict(sorted(label_counts(splits[s]).items())) for s in ("train", "val", "test")},
+        "skipped_images": [str(e) for e in skipped],
+        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__, "python": sys.version.split()[0]},
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def _chain(layers, inputs, name):
+    """A functional model that runs `layers` in order (units of the backbone, shared, not copied)."""
+    import keras
+
+    x = inputs
+    for layer in layers:
+        x = layer(x)
+    return keras.Model(inputs, x, name=name)
+
+
+def _predict_with_progress(model, dataset, total: int, batch_size: int, desc: str) -> np.ndarray:
+    import keras
+    from tqdm import tqdm
+
+    parts = []
+    with tqdm(total=total, desc=desc, unit="view", leave=False) as bar:
+        for batch in dataset:
+            parts.append(keras.ops.convert_to_numpy(model(batch, training=False)))
+            bar.update(int(batch.shape[0]))
+    return np.concatenate(parts)
+
+
+def _evaluate_split(model, labels, spec, data_dir, rows, batch_size, warn) -> Evaluation:
+    skipped: list = []
+    paths = [data_dir / r.file for r in rows]
+    probs = predict_keras(model, paths, spec, batch_size, skipped)
+    for err in skipped:
+        warn(f"skipped {err}")
+    keep = ~np.isnan(probs).any(axis=1)
+    truth = [r.label for r, k in zip(rows, keep) if k]
+    probs = probs[keep]
+    predicted = [labels[i] for i in probs.argmax(1)]
+    return Evaluation(labels, spec, [p for p, k in zip(paths, keep) if k], truth, probs, score(truth, predicted, labels), skipped)
+
+
+def _save_augment_samples(decoded: DecodedImages, spec: PreprocessSpec, config: TrainConfig, path: Path, columns: int = 8) -> None:
+    """One row per label (its first training image): the plain view, then augmented views as training makes them."""
+    firsts: dict[int, int] = {}
+    for i, label in enumerate(decoded.labels):
+        firsts.setdefault(int(label), i)
+    rows = []
+    for label, i in sorted(firsts.items()):
+        views = [decoded.prepared[i]] + [augment(decoded.reduced[i], spec, view_rng(config.seed, i, v)) for v in range(1, columns)]
+        rows.append((f"{decoded.rows[i].label}: {Path(decoded.rows[i].file).name}", views))
+    save_grid(rows, path)
+
+
+def summary(result: TrainResult) -> str:
+    """What `nebula train` prints at the end: the test table, wall times and where things are."""
+    m = result.metrics
+    times = ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in m["wall_time_s"].items())
+    return (
+        f"Test split ({m['images']} images, never used for any choice):\n{format_scores(result.test.scores)}\n"
+        f"validation macro-F1 {m['validation']['final']['macro_f1']:.3f}; wall time: {times}\n"
+        f"Wrote {result.run_dir}/ (model.keras, labels.txt, preprocess.json, split.csv, config.json, metrics.json, "
+        f"confusion_matrix.png, training_curves.png, augment_samples.png, mistakes.html)"
+    )
