@@ -88,6 +88,8 @@ def test_split_is_grouped_saved_and_respected(tiny_run, sky):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["images"] == len(run.splits["test"])
     assert sum(metrics["per_class"][label]["support"] for label in run.labels) == len(run.splits["test"])
+    listed = (out / "test_images.txt").read_text().split("\n")[:-1]
+    assert listed == [str(run.image_path(row).resolve()) for row in run.splits["test"]]
 
 
 def test_trained_model_learned_and_saved_model_matches_training(tiny_run):

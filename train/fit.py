@@ -170,6 +170,7 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> TrainResu
     spec = PreprocessSpec(input_size=backbone_info.input_size, resize_mode="fit")
     out.mkdir(parents=True, exist_ok=True)
     runfiles.write_split(out / runfiles.SPLIT_NAME, splits)
+    runfiles.write_image_list(out / runfiles.TEST_IMAGES_NAME, [Path(data_dir) / r.file for r in splits["test"]])
     echo(f"{len(rows)} images, {len(labels)} labels; split by object group: "
          + ", ".join(f"{s} {len(splits[s])}" for s in ("train", "val", "test")))
 

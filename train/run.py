@@ -5,6 +5,7 @@
         labels.txt            one label per line, in output order
         preprocess.json       PreprocessSpec.to_dict() (input size, resize mode ...)
         split.csv             the manifest columns + `split` (train/val/test)
+        test_images.txt       the held-out photographs, one path a line (nebula classify --files-from)
         config.json           the resolved configuration, versions, label counts per split
         metrics.json          test-split scores, validation scores, wall time per phase
         history.json          per-epoch loss / val accuracy / val macro-F1 of each phase
@@ -27,6 +28,7 @@ MODEL_NAME = "model.keras"
 LABELS_NAME = "labels.txt"
 PREPROCESS_NAME = "preprocess.json"
 SPLIT_NAME = "split.csv"
+TEST_IMAGES_NAME = "test_images.txt"
 CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.json"
 HISTORY_NAME = "history.json"
@@ -85,6 +87,10 @@ def read_spec(path: Path) -> PreprocessSpec:
 
 def write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def write_image_list(path: Path, images: list[Path]) -> None:
+    path.write_text("".join(f"{image.resolve()}\n" for image in images), encoding="utf-8")
 
 
 def write_split(path: Path, splits: dict[str, list[ManifestRow]]) -> None:
