@@ -13,7 +13,9 @@ from nebula.extras import require_workstation
 @click.option("--representative", default=200, show_default=True, help="Training images used to calibrate int8 ranges.")
 @click.option("--seed", default=0, show_default=True, help="Seed for picking the representative images.")
 @click.option("--force", is_flag=True, help="Write the model even if int8 fails the accuracy gate.")
-def convert(run_dir, out, representative, seed, force):
+@click.option("--check-tflite-runtime", "check_old", is_flag=True,
+              help="Also classify the test split with tflite-runtime 2.14.0 (in .venv-tflite214) and compare top-1 answers.")
+def convert(run_dir, out, representative, seed, force, check_old):
     """Convert a training run to a self-describing, fully int8 TFLite model.
 
     Quantizes with representative training images, scores float and int8 on the
@@ -22,7 +24,7 @@ def convert(run_dir, out, representative, seed, force):
     JSON manifest are embedded in the file; labels.txt and manifest.json are also
     written beside it.
 
-    Example: nebula convert models/runs/main --out models/nebula.tflite
+    Example: nebula convert models/runs/main --out models/nebula.tflite --check-tflite-runtime
     """
     require_workstation("convert")
     from nebula.convert.export import ConversionRefused, convert_run
@@ -43,3 +45,27 @@ def convert(run_dir, out, representative, seed, force):
     if report.failures:
         click.echo("WARNING (forced): " + "; ".join(report.failures), err=True)
     click.echo(f"Wrote {report.out} (sha256 {report.manifest['sha256'][:12]}), labels.txt and manifest.json beside it")
+    if check_old:
+        _check_old_runtime(report.out, run_dir)
+
+
+def _check_old_runtime(model, run_dir):
+    """tflite-runtime 2.14 (many Raspberry Pi OS Bookworm setups) must give the same top-1 answers as LiteRT."""
+    import subprocess
+    from pathlib import Path
+
+    from nebula.convert.compat import compare_runtimes
+    from nebula.train.run import load_run
+
+    images = load_run(run_dir).image_paths("test")
+    click.echo(f"Comparing top-1 answers with tflite-runtime 2.14.0 on {len(images)} test images (venv .venv-tflite214)", err=True)
+    try:
+        result = compare_runtimes(Path(model), images, Path(".venv-tflite214"))
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as err:
+        click.echo(f"Error: tflite-runtime 2.14 check could not run: {err}", err=True)
+        sys.exit(1)
+    click.echo(f"{result['backends'][0]} vs {result['backends'][1]}: same top-1 for {result['same_top1']} of {result['images']} images")
+    if result["differences"]:
+        for name, (new, old) in result["differences"].items():
+            click.echo(f"  differs: {name}: {new[0]} {new[1]:.3f} vs {old[0]} {old[1]:.3f}", err=True)
+        sys.exit(1)

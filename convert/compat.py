@@ -23,7 +23,8 @@ _OUTSIDE_REPO = tempfile.gettempdir()
 
 
 def ensure_venv(venv: Path, project: Path = PROJECT_ROOT) -> Path:
-    """Create `venv` with tflite-runtime 2.14 and the device code; returns its python."""
+    """Create `venv` with tflite-runtime 2.14 and the device code; returns its (absolute) python."""
+    venv = Path(venv).resolve()
     python = venv / "bin" / "python"
     if not (venv / ".nebula-ready").exists():
         subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
@@ -34,8 +35,8 @@ def ensure_venv(venv: Path, project: Path = PROJECT_ROOT) -> Path:
     return python
 
 
-def classify_with(python: Path, model: Path, images: list[Path]) -> dict[str, str]:
-    """Top-1 label per image, classified by the `nebula` of another environment."""
+def classify_with(python: Path, model: Path, images: list[Path]) -> dict[str, tuple[str, float]]:
+    """(top-1 label, score) per image, classified by the `nebula` of another environment."""
     env = {**os.environ, "PYTHONNOUSERSITE": "1"}
     result = subprocess.run(
         [str(python), "-m", "nebula", "classify", "--model", str(model), "--format", "jsonl", *map(str, images)],
@@ -44,7 +45,7 @@ def classify_with(python: Path, model: Path, images: list[Path]) -> dict[str, st
     records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     if result.returncode != 0 or len(records) != len(images):
         raise RuntimeError(f"{python}: classify failed (exit {result.returncode}): {result.stderr.strip()[-500:]}")
-    return {r["file"]: r["label"] for r in records}
+    return {str(Path(r["file"]).resolve()): (r["label"], r["score"]) for r in records}
 
 
 def backend_of(python: Path) -> str:
@@ -54,13 +55,15 @@ def backend_of(python: Path) -> str:
 
 def compare_runtimes(model: Path, images: list[Path], venv: Path) -> dict:
     """Top-1 answers of this environment's runtime and of tflite-runtime 2.14, side by side."""
+    # The classifiers run outside the repo (see _OUTSIDE_REPO), so every path must be absolute.
+    model, images = Path(model).resolve(), [Path(image).resolve() for image in images]
     old_python = ensure_venv(venv)
     current = classify_with(Path(sys.executable), model, images)
     old = classify_with(old_python, model, images)
-    same = sum(current[f] == old[f] for f in current)
+    same = sum(current[f][0] == old.get(f, (None,))[0] for f in current)
     return {
         "images": len(images),
         "same_top1": same,
         "backends": [backend_of(Path(sys.executable)), backend_of(old_python)],
-        "differences": {f: [current[f], old[f]] for f in current if current[f] != old[f]},
+        "differences": {f: [current[f], old.get(f)] for f in current if current[f][0] != old.get(f, (None,))[0]},
     }
