@@ -118,7 +118,6 @@ class Daemon:
         self.sidecar, self.on_result = sidecar, on_result
         self.lock = lock or threading.Lock()  # the interpreter is not thread-safe: shared with the web page
         self.smoother = Smoother(smooth if source.live else 1)
-        self._label_index = {label: i for i, label in enumerate(classifier.labels)}
         self.count = self.errors = 0
         self._stopping = False
 
@@ -161,13 +160,10 @@ class Daemon:
         labels = self.classifier.labels
         try:
             with self.lock:
-                single = self.classifier.classify(frame.rgb, top_k=len(labels), threshold=self.threshold)
+                single = self.classifier.classify(frame.rgb, top_k=self.top_k, threshold=self.threshold)
         except (ValueError, RuntimeError) as err:
             return {**head, "error": f"cannot classify ({_one_line(err)})", "utc": utc_now(), **frame.metadata}
-        probabilities = np.zeros(len(labels), dtype=np.float32)
-        for label, score in single.top_k:
-            probabilities[self._label_index[label]] = score
-        averaged = self.smoother.add(probabilities)
+        averaged = self.smoother.add(single.probabilities)
         answer = Prediction.from_probabilities(averaged, labels, self.top_k, self.threshold)
         record = {
             **head,

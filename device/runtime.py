@@ -59,13 +59,14 @@ class Prediction:
     score: float
     top_k: list[tuple[str, float]]
     timings_ms: dict[str, float] = field(default_factory=dict)
+    probabilities: np.ndarray | None = None  # every label's score, in label order (for smoothing)
 
     @classmethod
     def from_probabilities(cls, probs: np.ndarray, labels: list[str], top_k: int = 3, threshold: float = 0.0):
         order = np.argsort(probs)[::-1][: max(1, top_k)]
         ranked = [(labels[i], float(probs[i])) for i in order]
         label, score = ranked[0]
-        return cls(label=label if score >= threshold else UNKNOWN, score=score, top_k=ranked)
+        return cls(label=label if score >= threshold else UNKNOWN, score=score, top_k=ranked, probabilities=probs)
 
 
 class Classifier:
