@@ -20,8 +20,12 @@ convert:
 demo:
 	.venv/bin/nebula classify --model models/nebula.tflite --files-from models/runs/main/test_images.txt
 
-test:
+test: .venv/bin/pytest
 	.venv/bin/pytest
+
+# `make test` on a fresh clone sets up first.
+.venv/bin/pytest:
+	$(MAKE) setup
 
 bench:
 	.venv/bin/nebula bench --model models/nebula.tflite --json models/bench.json
