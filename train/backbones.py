@@ -98,10 +98,20 @@ def unfreeze_top(model, n: int) -> None:
 
 
 def preprocess_layer(name: str = PREPROCESS_LAYER, center: float = 127.0, scale: float = 128.0):
-    """(x - center) / scale on raw RGB 0..255, as a Rescaling layer (so the int8 input maps 1:1 to bytes)."""
+    """(x - center) / scale on raw RGB 0..255: subtract, then scale, as two Rescaling layers.
+
+    The order matters to the int8 model. One Rescaling is x * (1/scale) + offset,
+    and the int8 tensor between the multiply and the add covers about -1..2 in 255
+    steps, merging neighbouring byte values. Subtracting first keeps every byte
+    distinct (x - 127 is an integer), and the converter folds the 1/scale into the
+    stem convolution, so with an integer center the int8 input path is exact.
+    """
     import keras
 
-    return keras.layers.Rescaling(1.0 / scale, offset=-center / scale, name=name)
+    return keras.Sequential(
+        [keras.layers.Rescaling(1.0, offset=-center, name="center"), keras.layers.Rescaling(1.0 / scale, name="scale")],
+        name=name,
+    )
 
 
 def count_macs(model) -> int:

