@@ -29,7 +29,11 @@ MIN_TOP1_AGREEMENT = 0.97
 
 
 class ConversionRefused(Exception):
-    """The int8 model failed the gate; the message says which check and by how much."""
+    """The int8 model failed the gate; the message says which check and by how much, `report` has the scores."""
+
+    def __init__(self, message: str, report: "ConversionReport"):
+        super().__init__(message)
+        self.report = report
 
 
 @dataclass
@@ -94,6 +98,7 @@ def convert_run(run_dir, out, representative: int = 200, seed: int = 0, force: b
             "created_utc": run.config.get("created_utc"),
             "seed": run.config.get("seed"),
             "unfreeze": run.config.get("unfreeze"),
+            "snap_weights": run.config.get("snap_weights", False),  # backbone kernels on the int8 grid (nebula.train.int8_grid)
         },
         "training_data": {
             "data_dir": run.config.get("data_dir"),
@@ -130,7 +135,7 @@ def convert_run(run_dir, out, representative: int = 200, seed: int = 0, force: b
     }
     report = ConversionReport(out, manifest, float_metrics, int8_metrics, agreement, len(flatbuffer), float_bytes, failures)
     if failures and not force:
-        raise ConversionRefused("; ".join(failures) + " — model not written (use --force to write it anyway)")
+        raise ConversionRefused("; ".join(failures) + " — model not written (use --force to write it anyway)", report)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     data = modelfile.embed(flatbuffer, run.labels, manifest)

@@ -15,7 +15,7 @@ from PIL import Image
 from conftest import TINY_LABELS, sky_image, write_sky_folder
 from nebula.cli import cli
 from nebula.device.preprocess import PreprocessSpec
-from nebula.train import augment
+from nebula.train import augment, int8_grid
 from nebula.train.evaluate import score
 from nebula.train.manifest import grouped_split, load_dataset
 from nebula.train.run import load_run
@@ -74,6 +74,9 @@ def test_run_folder_reads_back(tiny_run, sky):
     assert tuple(model.input_shape) == (None, 32, 32, 3)
     probs = np.asarray(model(np.full((2, 32, 32, 3), 40.0, np.float32)))
     assert probs.shape == (2, 3) and np.allclose(probs.sum(1), 1.0, atol=1e-5)
+    # Fine-tuned units included, the saved backbone's kernels sit on the int8 grid.
+    assert config["snap_weights"] is True and config["snapped_kernels"] == 4
+    assert config["int8_grid_max_offset"] < 1e-3 and int8_grid.max_offset(model) < 1e-3
 
 
 def test_split_is_grouped_saved_and_respected(tiny_run, sky):

