@@ -32,8 +32,19 @@ def convert(run_dir, out, representative, seed, force, check_old):
     try:
         report = convert_run(run_dir, out, representative, seed, force, echo=lambda m: click.echo(m, err=True))
     except ConversionRefused as err:
+        _print_scores(err.report)
         click.echo(f"Error: {err}", err=True)
         sys.exit(1)
+    _print_scores(report)
+    if report.failures:
+        click.echo("WARNING (forced): " + "; ".join(report.failures), err=True)
+    click.echo(f"Wrote {report.out} (sha256 {report.manifest['sha256'][:12]}), labels.txt and manifest.json beside it")
+    if check_old:
+        _check_old_runtime(report.out, run_dir)
+
+
+def _print_scores(report):
+    """Float against int8 on the test split: accuracy, macro-F1, size, top-1 agreement, the I/O quantization."""
     f, q = report.float_metrics, report.int8_metrics
     click.echo(f"{'':12}{'accuracy':>10}{'macro-F1':>10}{'size':>12}")
     click.echo(f"{'float':12}{f['accuracy']:>10.3f}{f['macro_f1']:>10.3f}{report.float_bytes / 1e6:>9.2f} MB")
@@ -42,11 +53,6 @@ def convert(run_dir, out, representative, seed, force, check_old):
     q_in, q_out = report.manifest["input"], report.manifest["output"]
     click.echo(f"input  {q_in['dtype']} scale {q_in['scale']:g} zero point {q_in['zero_point']}; "
                f"output {q_out['dtype']} scale {q_out['scale']:g} zero point {q_out['zero_point']}")
-    if report.failures:
-        click.echo("WARNING (forced): " + "; ".join(report.failures), err=True)
-    click.echo(f"Wrote {report.out} (sha256 {report.manifest['sha256'][:12]}), labels.txt and manifest.json beside it")
-    if check_old:
-        _check_old_runtime(report.out, run_dir)
 
 
 def _check_old_runtime(model, run_dir):

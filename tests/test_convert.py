@@ -56,6 +56,7 @@ def test_gate_refuses_and_writes_nothing(tiny_run, tmp_path, monkeypatch):
     result = CliRunner().invoke(cli, ["convert", str(tiny_run), "--out", str(out), "--representative", "10"])
     assert result.exit_code == 1
     assert "agree on top-1" in result.output and "--force" in result.output
+    assert "top-1 agreement float/int8:" in result.output and "int8 " in result.output  # the scores it refused on
     assert not out.exists()
 
 
