@@ -49,7 +49,8 @@ def _print_scores(report):
     click.echo(f"{'':12}{'accuracy':>10}{'macro-F1':>10}{'size':>12}")
     click.echo(f"{'float':12}{f['accuracy']:>10.3f}{f['macro_f1']:>10.3f}{report.float_bytes / 1e6:>9.2f} MB")
     click.echo(f"{'int8':12}{q['accuracy']:>10.3f}{q['macro_f1']:>10.3f}{report.int8_bytes / 1e6:>9.2f} MB")
-    click.echo(f"top-1 agreement float/int8: {100 * report.agreement:.1f}% on {report.manifest['metrics']['test_images']} test images")
+    click.echo(f"top-1 agreement float/int8: {100 * report.agreement:.1f}% on {report.manifest['metrics']['test_images']} test images; "
+               f"mean |p_float - p_int8| {report.mean_abs_probability_difference:.4f}")
     q_in, q_out = report.manifest["input"], report.manifest["output"]
     click.echo(f"input  {q_in['dtype']} scale {q_in['scale']:g} zero point {q_in['zero_point']}; "
                f"output {q_out['dtype']} scale {q_out['scale']:g} zero point {q_out['zero_point']}")

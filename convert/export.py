@@ -43,6 +43,7 @@ class ConversionReport:
     float_metrics: dict
     int8_metrics: dict
     agreement: float
+    mean_abs_probability_difference: float  # mean |p_float - p_int8| over test images and labels: less grainy than top-1
     int8_bytes: int
     float_bytes: int
     failures: list[str]
@@ -122,6 +123,7 @@ def convert_run(run_dir, out, representative: int = 200, seed: int = 0, force: b
     float_metrics = score(truth, float_pred, run.labels)
     int8_metrics = score(truth, int8_pred, run.labels)
     agreement = float(np.mean(float_probs.argmax(1) == int8_probs.argmax(1))) if paths else 0.0
+    probability_gap = float(np.abs(float_probs - int8_probs).mean()) if paths else 0.0
     failures = check_gate(float_metrics, int8_metrics, agreement) if paths else ["the run's test split is empty"]
 
     float_bytes = int(sum(np.prod(w.shape) for w in model.weights)) * 4
@@ -131,9 +133,11 @@ def convert_run(run_dir, out, representative: int = 200, seed: int = 0, force: b
         "int8": {k: int8_metrics[k] for k in ("accuracy", "macro_f1")},
         "int8_per_class": int8_metrics["per_class"],
         "top1_agreement": agreement,
+        "mean_abs_probability_difference": probability_gap,
         "gate": {"passed": not failures, "forced": bool(failures and force), "failures": failures},
     }
-    report = ConversionReport(out, manifest, float_metrics, int8_metrics, agreement, len(flatbuffer), float_bytes, failures)
+    report = ConversionReport(out, manifest, float_metrics, int8_metrics, agreement, probability_gap, len(flatbuffer), float_bytes,
+                              failures)
     if failures and not force:
         raise ConversionRefused("; ".join(failures) + " — model not written (use --force to write it anyway)", report)
 

@@ -33,12 +33,13 @@ def test_convert_writes_a_model_that_describes_itself(tiny_run, tmp_path):
     model = modelfile.read(out)
     assert model.labels == sorted(TINY_LABELS) or set(model.labels) == set(TINY_LABELS)
     manifest = model.manifest
-    assert manifest["backbone"] == "tiny"
+    assert manifest["backbone"] == "tiny" and manifest["run"]["snap_weights"] is True
     assert manifest["input"]["dtype"] == "uint8" and manifest["input"]["scale"] == pytest.approx(1.0)
     assert manifest["input"]["zero_point"] == 0
     assert manifest["versions"]["tensorflow"]
     metrics = manifest["metrics"]
     assert metrics["test_images"] > 0 and 0.0 <= metrics["top1_agreement"] <= 1.0
+    assert 0.0 <= metrics["mean_abs_probability_difference"] < 0.5 and "mean |p_float - p_int8|" in result.output
     assert set(metrics["float"]) == {"accuracy", "macro_f1"} == set(metrics["int8"])
     # The same facts beside the model, for people and scripts without zipfile.
     assert (out.parent / "labels.txt").read_text().split() == model.labels
