@@ -63,7 +63,8 @@ class Prediction:
 
     @classmethod
     def from_probabilities(cls, probs: np.ndarray, labels: list[str], top_k: int = 3, threshold: float = 0.0):
-        order = np.argsort(probs)[::-1][: max(1, top_k)]
+        # uint8 outputs tie often (256 levels): a stable sort on -p breaks ties by label order, as argmax does
+        order = np.argsort(-np.asarray(probs), kind="stable")[: max(1, top_k)]
         ranked = [(labels[i], float(probs[i])) for i in order]
         label, score = ranked[0]
         return cls(label=label if score >= threshold else UNKNOWN, score=score, top_k=ranked, probabilities=probs)

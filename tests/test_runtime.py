@@ -39,6 +39,17 @@ def test_prediction_ranks_and_thresholds(tiny_model_file):
     assert classifier.classify(sky_image("emission", seed=1), threshold=1.01).label == UNKNOWN
 
 
+def test_ties_break_by_label_order_like_argmax():
+    """uint8 outputs tie often; the device must name the label the evaluation's argmax names."""
+    from nebula.device.runtime import Prediction
+
+    labels = ["dark", "emission", "reflection", "planetary"]
+    probs = np.array([0.0, 98, 60, 98], np.float32) / 256
+    prediction = Prediction.from_probabilities(probs, labels, top_k=4)
+    assert prediction.label == labels[int(probs.argmax())] == "emission"
+    assert [label for label, _ in prediction.top_k] == ["emission", "planetary", "reflection", "dark"]
+
+
 def test_truncated_model_is_refused_in_one_line(tiny_model_file, tmp_path):
     data = tiny_model_file.read_bytes()
     flatbuffer = modelfile.parse(data).flatbuffer
