@@ -8,6 +8,7 @@ only the device code (`pip install --no-deps`), never TensorFlow.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -22,16 +23,36 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _OUTSIDE_REPO = tempfile.gettempdir()
 
 
+def project_fingerprint(project: Path = PROJECT_ROOT) -> str:
+    """sha256 of everything the other environment runs from the project: pyproject.toml and the device-side code."""
+    digest = hashlib.sha256()
+    files = [project / "pyproject.toml"] + sorted(
+        f for folder in ("nebula", "device") for f in (project / folder).rglob("*") if f.is_file() and "__pycache__" not in f.parts
+    )
+    for path in files:
+        digest.update(str(path.relative_to(project)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def ensure_venv(venv: Path, project: Path = PROJECT_ROOT) -> Path:
-    """Create `venv` with tflite-runtime 2.14 and the device code; returns its (absolute) python."""
+    """`venv` with tflite-runtime 2.14 and the project's current device code; returns its (absolute) python.
+
+    The runtime is installed once. The project is a copy (pip --no-deps), so it is
+    installed again whenever the code differs from what the venv holds: a stale copy
+    would test old code against the new model.
+    """
     venv = Path(venv).resolve()
     python = venv / "bin" / "python"
-    if not (venv / ".nebula-ready").exists():
+    ready = venv / ".nebula-ready"  # holds the fingerprint of the installed project copy
+    pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    if not ready.exists():
         subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-        pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
         subprocess.run(pip + OLD_RUNTIME, check=True)
-        subprocess.run(pip + ["--no-deps", str(project)], check=True)
-        (venv / ".nebula-ready").touch()
+        ready.write_text("")
+    fingerprint = project_fingerprint(project)
+    if ready.read_text().strip() != fingerprint:
+        subprocess.run(pip + ["--no-deps", "--force-reinstall", str(project)], check=True)
+        ready.write_text(fingerprint + "\n")
     return python
 
 

@@ -72,13 +72,33 @@ def test_old_tflite_runtime_gives_the_same_answers(tiny_model_file, tmp_path):
     """tflite-runtime 2.14.0 (numpy<2, own venv) and LiteRT agree on every top-1."""
     from PIL import Image
 
-    from nebula.convert.compat import compare_runtimes
+    from nebula.convert.compat import compare_runtimes, ensure_venv, project_fingerprint
 
     images = []
     for i, label in enumerate(TINY_LABELS * 4):
         path = tmp_path / f"{label}-{i}.png"
         Image.fromarray(sky_image(label, size=72, seed=700 + i)).save(path)
         images.append(path)
-    report = compare_runtimes(tiny_model_file, images, Path(tmp_path) / "venv-tflite214")
+    venv = Path(tmp_path) / "venv-tflite214"
+    report = compare_runtimes(tiny_model_file, images, venv)
     assert report["backends"] == ["ai-edge-litert", "tflite-runtime"]
     assert report["same_top1"] == len(images), report["differences"]
+    # A venv holding an older copy of the project is brought up to date, not trusted.
+    (venv / ".nebula-ready").write_text("stale\n")
+    ensure_venv(venv)
+    assert (venv / ".nebula-ready").read_text().strip() == project_fingerprint()
+
+
+def test_project_fingerprint_follows_the_device_code(tmp_path):
+    """The tflite-runtime venv holds a copy of the project; its fingerprint says when the copy is stale."""
+    from nebula.convert.compat import project_fingerprint
+
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    for folder in ("nebula", "device", "train"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "code.py").write_text("A = 1\n")
+    first = project_fingerprint(tmp_path)
+    (tmp_path / "train" / "code.py").write_text("A = 2\n")  # the other venv runs no training code
+    assert project_fingerprint(tmp_path) == first
+    (tmp_path / "device" / "code.py").write_text("A = 2\n")
+    assert project_fingerprint(tmp_path) != first
