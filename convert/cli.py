@@ -72,6 +72,9 @@ def _check_old_runtime(model, run_dir):
         click.echo(f"Error: tflite-runtime 2.14 check could not run: {err}", err=True)
         sys.exit(1)
     click.echo(f"{result['backends'][0]} vs {result['backends'][1]}: same top-1 for {result['same_top1']} of {result['images']} images")
+    gap, where = result["largest_score_gap"]
+    if where:
+        click.echo(f"largest difference in a shared top-1 score: {gap:.3f} ({Path(where).name})")
     if result["differences"]:
         for name, (new, old) in result["differences"].items():
             click.echo(f"  differs: {name}: {new[0]} {new[1]:.3f} vs {old[0]} {old[1]:.3f}", err=True)

@@ -82,9 +82,12 @@ def compare_runtimes(model: Path, images: list[Path], venv: Path) -> dict:
     current = classify_with(Path(sys.executable), model, images)
     old = classify_with(old_python, model, images)
     same = sum(current[f][0] == old.get(f, (None,))[0] for f in current)
+    # The two runtimes' int8 kernels round differently: how far apart are the scores when the labels agree?
+    gaps = [(abs(current[f][1] - old[f][1]), f) for f in current if f in old and current[f][0] == old[f][0]]
     return {
         "images": len(images),
         "same_top1": same,
+        "largest_score_gap": max(gaps, default=(0.0, None)),
         "backends": [backend_of(Path(sys.executable)), backend_of(old_python)],
         "differences": {f: [current[f], old.get(f)] for f in current if current[f][0] != old.get(f, (None,))[0]},
     }

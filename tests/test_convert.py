@@ -83,6 +83,7 @@ def test_old_tflite_runtime_gives_the_same_answers(tiny_model_file, tmp_path):
     report = compare_runtimes(tiny_model_file, images, venv)
     assert report["backends"] == ["ai-edge-litert", "tflite-runtime"]
     assert report["same_top1"] == len(images), report["differences"]
+    assert 0.0 <= report["largest_score_gap"][0] < 0.5
     # A venv holding an older copy of the project is brought up to date, not trusted.
     (venv / ".nebula-ready").write_text("stale\n")
     ensure_venv(venv)
