@@ -65,15 +65,19 @@ def _fold_factor(conv, bn) -> np.ndarray:
     return gamma / np.sqrt(np.asarray(bn.moving_variance.numpy(), np.float64) + bn.epsilon)
 
 
-def _per_output_channel(kernel: np.ndarray, depthwise: bool) -> np.ndarray:
-    """The kernel as (..., output channel): Conv2D already is; depthwise (kh, kw, C, m) becomes (kh, kw, C*m)."""
-    return kernel.reshape(kernel.shape[0], kernel.shape[1], -1) if depthwise else kernel
+def _in_steps(conv, bn) -> tuple[np.ndarray, np.ndarray]:
+    """The folded kernel in units of its int8 step, channels last (depthwise (kh, kw, C, m) as (kh, kw, C*m)),
+    and what converts those units back to the layer's own kernel (step / fold factor, per output channel)."""
+    from keras import layers
 
-
-def _grid(folded: np.ndarray) -> np.ndarray:
-    """The per-output-channel scale the converter picks for a folded kernel (channels last)."""
-    scale = np.abs(folded).reshape(-1, folded.shape[-1]).max(axis=0) / QMAX
-    return np.where(scale > 0, scale, 1.0)  # an all-zero channel stays zero whatever its scale
+    kernel = np.asarray(conv.kernel.numpy(), np.float64)
+    if isinstance(conv, layers.DepthwiseConv2D):
+        kernel = kernel.reshape(kernel.shape[0], kernel.shape[1], -1)
+    factor = _fold_factor(conv, bn)
+    folded = kernel * factor
+    step = np.abs(folded).reshape(-1, folded.shape[-1]).max(axis=0) / QMAX  # the converter's per-channel scale
+    step = np.where(step > 0, step, 1.0)  # an all-zero channel stays zero whatever its scale
+    return folded / step, step / factor
 
 
 def snap(model) -> int:
@@ -82,28 +86,17 @@ def snap(model) -> int:
     The BatchNormalization layers are untouched: the kernel is rounded in folded
     space and divided back, so folding it again lands exactly on the grid.
     """
-    from keras import layers
-
     pairs = folded_kernels(model)
     for conv, bn in pairs:
-        depthwise = isinstance(conv, layers.DepthwiseConv2D)
-        kernel = np.asarray(conv.kernel.numpy(), np.float64)
-        factor = _fold_factor(conv, bn)
-        folded = _per_output_channel(kernel, depthwise) * factor
-        scale = _grid(folded)
-        rounded = np.round(folded / scale) * scale / factor
-        conv.kernel.assign(rounded.reshape(kernel.shape).astype(np.float32))
+        steps, to_kernel = _in_steps(conv, bn)
+        conv.kernel.assign((np.round(steps) * to_kernel).reshape(conv.kernel.shape).astype(np.float32))
     return len(pairs)
 
 
 def max_offset(model) -> float:
     """The largest distance of any folded kernel weight from its int8 grid point, in quantization steps (0..0.5)."""
-    from keras import layers
-
     worst = 0.0
     for conv, bn in folded_kernels(model):
-        kernel = np.asarray(conv.kernel.numpy(), np.float64)
-        folded = _per_output_channel(kernel, isinstance(conv, layers.DepthwiseConv2D)) * _fold_factor(conv, bn)
-        steps = folded / _grid(folded)
+        steps, _ = _in_steps(conv, bn)
         worst = max(worst, float(np.abs(steps - np.round(steps)).max()))
     return worst
