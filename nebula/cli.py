@@ -30,6 +30,7 @@ for command in (
     train_cli.data,
     train_cli.backbone,
     train_cli.train,
+    train_cli.crossval,
     train_cli.evaluate,
     convert_cli.convert,
     device_cli.classify,
