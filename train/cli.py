@@ -2,6 +2,7 @@
 
 import click
 
+from nebula.device import formats
 from nebula.extras import require, require_workstation
 from nebula.train.fit import TrainConfig
 
@@ -65,12 +66,13 @@ def data_stellarium(source, out):
 @click.argument("out", type=click.Path(file_okay=False))
 @click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--link", is_flag=True, help="Hard-link the images instead of copying them (same file system).")
+@formats.in_help
 def data_merge(out, sources, link):
     """Combine datasets into OUT: your own photos and the Stellarium set, one manifest.
 
     Each SOURCE is a dataset with manifest.csv (such as data/stellarium) or a
     folder with one sub-folder per label (dark, emission, reflection, planetary,
-    protoplanetary, supernova_remnant, other) holding JPEG, PNG or TIFF files.
+    protoplanetary, supernova_remnant, other) holding {formats} files.
     A photo's object group is its file name without a trailing -N/_N, so
     M42-1.jpg and M42_2.jpg stay on one side of every split, together with
     Stellarium's M 42.
