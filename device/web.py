@@ -340,14 +340,17 @@ def serve(classifier, host: str = "127.0.0.1", port: int = 8080, announce=print,
     """Serve in the foreground until SIGTERM or SIGINT (`nebula serve`)."""
     import signal
 
-    server = start_server(classifier, host, port, **app_options)
-    announce(f"web page: {server.url}")
     stopped = threading.Event()
+    # Handlers first: once the page is announced, a SIGTERM must stop it cleanly.
     previous = {sig: signal.signal(sig, lambda *_: stopped.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    server = None
     try:
+        server = start_server(classifier, host, port, **app_options)
+        announce(f"web page: {server.url}")
         while not stopped.is_set():
             time.sleep(0.2)  # a plain sleep: signal handlers run between slices
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-        server.stop()
+        if server is not None:
+            server.stop()
