@@ -243,7 +243,8 @@ def evaluate(model, data_dir, json_out, png_dir, batch_size):
     from pathlib import Path
 
     from nebula.device.modelfile import ModelFileError
-    from nebula.train.evaluate import evaluate_folder, format_confusion, format_scores, is_tflite
+    from nebula.device.scoring import format_confusion, format_scores
+    from nebula.train.evaluate import evaluate_folder, is_tflite
     from nebula.train.run import RunError
 
     if not is_tflite(model):
