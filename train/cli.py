@@ -4,7 +4,6 @@ import click
 
 from nebula.device import formats
 from nebula.extras import require, require_workstation
-from nebula.train.fit import TrainConfig
 
 
 @click.group()
@@ -172,30 +171,61 @@ def backbone_check(backbone_name):
     click.echo(f"{backbone_name}: ImageNet check passed")
 
 
-_TRAIN = TrainConfig(data="", out="")  # the defaults, defined once in nebula.train.fit
+# The help of `nebula train`'s tuning options, by TrainConfig field (nebula.train.fit). Every
+# field of TrainConfig but those in _NOT_OPTIONS is an option named after it, with its default,
+# so a new field costs no edit here (a help text here makes its --help read better).
+_TRAIN_HELP = {
+    "backbone": "Registered backbone (nebula backbone list).",
+    "head_epochs": "Most epochs of phase 1 (head on cached features).",
+    "epochs": "Most epochs of phase 2 (fine-tuning); early stopping on validation macro-F1 may end a phase sooner.",
+    "unfreeze": "Top backbone units fine-tuned in phase 2 (0 = head only).",
+    "views": "Views per training image: the plain one plus augmented ones.",
+    "seed": "Seed for the split, augmentation and initialisation.",
+    "batch_size": "Images per batch.",
+    "head_lr": "Learning rate of phase 1 (head).",
+    "finetune_lr": "Learning rate of phase 2 (fine-tuning).",
+    "dropout": "Dropout before the softmax layer.",
+    "snap_weights": "Round the backbone's kernels onto the int8 grid the converter uses before training, so the float model "
+                    "and the int8 model share their weights (keeps them agreeing; see README).",
+    "patience": "Epochs without a better validation macro-F1 before a phase stops.",
+    "val": "Share of images (by object group) for validation.",
+    "test": "Share of images (by object group) for the test split.",
+}
+_NOT_OPTIONS = {"data", "out", "weights"}  # data, out: the required paths below; weights: for library callers (tests: None)
 
 
-@click.command()
+def _train_config_options() -> list[click.Option]:
+    """One click option per TrainConfig field, default and type from the field (booleans get --x/--no-x)."""
+    from dataclasses import fields
+
+    from nebula.train.fit import TrainConfig
+
+    options = []
+    for f in fields(TrainConfig):
+        if f.name in _NOT_OPTIONS:
+            continue
+        flag = f.name.replace("_", "-")
+        declarations = [f"--{flag}/--no-{flag}"] if isinstance(f.default, bool) else [f"--{flag}"]
+        help_text = _TRAIN_HELP.get(f.name, f"TrainConfig.{f.name} (nebula.train.fit).")
+        options.append(click.Option([*declarations, f.name], default=f.default, show_default=True, help=help_text))
+    return options
+
+
+class _TrainConfigCommand(click.Command):
+    """A command whose options include TrainConfig's fields, made on first use: listing the
+    commands (nebula --help) then imports nothing of nebula.train.fit."""
+
+    def get_params(self, ctx):
+        if not getattr(self, "_has_config_options", False):
+            self.params.extend(_train_config_options())
+            self._has_config_options = True
+        return super().get_params(ctx)
+
+
+@click.command(cls=_TrainConfigCommand)
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False), help="Dataset: manifest.csv or one sub-folder per label.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write, e.g. models/runs/main.")
-@click.option("--backbone", "backbone_name", default=_TRAIN.backbone, show_default=True, help="Registered backbone (nebula backbone list).")
-@click.option("--head-epochs", default=_TRAIN.head_epochs, show_default=True, help="Most epochs of phase 1 (head on cached features).")
-@click.option("--epochs", default=_TRAIN.epochs, show_default=True, help="Most epochs of phase 2 (fine-tuning); early stopping on validation macro-F1 may end a phase sooner.")
-@click.option("--unfreeze", default=_TRAIN.unfreeze, show_default=True, help="Top backbone units fine-tuned in phase 2 (0 = head only).")
-@click.option("--views", default=_TRAIN.views, show_default=True, help="Views per training image: the plain one plus augmented ones.")
-@click.option("--seed", default=_TRAIN.seed, show_default=True, help="Seed for the split, augmentation and initialisation.")
-@click.option("--batch-size", default=_TRAIN.batch_size, show_default=True)
-@click.option("--head-lr", default=_TRAIN.head_lr, show_default=True, help="Learning rate of phase 1 (head).")
-@click.option("--finetune-lr", default=_TRAIN.finetune_lr, show_default=True, help="Learning rate of phase 2 (fine-tuning).")
-@click.option("--dropout", default=_TRAIN.dropout, show_default=True, help="Dropout before the softmax layer.")
-@click.option("--patience", default=_TRAIN.patience, show_default=True, help="Epochs without a better validation macro-F1 before a phase stops.")
-@click.option("--val", "val_fraction", default=_TRAIN.val, show_default=True, help="Share of images (by object group) for validation.")
-@click.option("--test", "test_fraction", default=_TRAIN.test, show_default=True, help="Share of images (by object group) for the test split.")
-@click.option("--snap-weights/--no-snap-weights", default=_TRAIN.snap_weights, show_default=True,
-              help="Round the backbone's kernels onto the int8 grid the converter uses before training, so the float model "
-                   "and the int8 model share their weights (keeps them agreeing; see README).")
-def train(data, out, backbone_name, head_epochs, epochs, unfreeze, views, seed, batch_size, head_lr, finetune_lr, dropout, patience,
-          val_fraction, test_fraction, snap_weights):
+def train(data, out, **options):
     """Train a classifier by transfer learning; writes a run folder that 'nebula convert' reads.
 
     Splits by object group (saved in split.csv), caches the frozen backbone's output
@@ -211,9 +241,7 @@ def train(data, out, backbone_name, head_epochs, epochs, unfreeze, views, seed, 
     require_workstation("train")
     from nebula.train.fit import TrainConfig as Config, TrainingError, summary, train as run_training
 
-    config = Config(data=data, out=out, backbone=backbone_name, head_epochs=head_epochs, epochs=epochs, unfreeze=unfreeze, views=views, seed=seed,
-                    batch_size=batch_size, head_lr=head_lr, finetune_lr=finetune_lr, dropout=dropout, patience=patience,
-                    val=val_fraction, test=test_fraction, snap_weights=snap_weights)
+    config = Config(data=data, out=out, **options)
     try:
         result = run_training(config, echo=lambda line: click.echo(line, err=True))
     except TrainingError as err:
