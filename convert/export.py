@@ -79,7 +79,8 @@ def convert_run(run_dir, out, representative: int = 200, seed: int = 0, force: b
     import tensorflow as tf
 
     from nebula.convert.quantize import io_quantization, quantize_int8
-    from nebula.train.evaluate import predict_keras, predict_tflite, score
+    from nebula.device.scoring import score
+    from nebula.train.evaluate import predict_keras, predict_tflite
     from nebula.train.run import load_run
 
     run = load_run(run_dir)

@@ -7,7 +7,7 @@ is closed. Implementations:
 - `PiCamera`: the Raspberry Pi camera through picamera2 (imported only inside it).
   A *lores* stream sized to the model input feeds the model, the *main* stream is
   the preview a person looks at; both come from the same request.
-- `WatchFolder`: new captures (FITS, JPEG, PNG, TIFF) appearing under a folder, as
+- `WatchFolder`: new captures (any format of `nebula.device.formats`) appearing under a folder, as
   INDI, Ekos/KStars (``<target>/Light/<filter>/``) or any capture program write them.
 - `FakeCamera`: generated sky frames, for tests and demos.
 
@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from nebula.device.formats import is_image_name
 from nebula.device.preprocess import PreprocessSpec
 
 _WAIT_SLICE_S = 0.1
@@ -406,7 +407,6 @@ class FakeCamera(FrameSource):
 
 # --- a watched folder ----------------------------------------------------------------------
 
-WATCH_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fts.gz", ".fz")
 # Ekos/KStars and most capture programs sort frames into these folders; not sky pictures.
 CALIBRATION_FOLDERS = {"dark", "darks", "flat", "flats", "bias", "biases", "offset", "darkflat", "darkflats", "flatdark", "flatdarks"}
 FileKey = tuple  # (absolute path, size, mtime_ns): a capture is the same capture only if all three match
@@ -461,7 +461,7 @@ class WatchFolder(FrameSource):
         for folder, dirs, files in os.walk(self.root):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for name in files:
-                if name.startswith(".") or not name.lower().endswith(WATCH_SUFFIXES):
+                if not is_image_name(name):
                     continue
                 path = Path(folder, name)
                 try:

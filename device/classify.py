@@ -4,12 +4,11 @@
 `Result` per input as soon as it is known, and `ResultWriter` streams each
 result out (flushed per line) in the chosen format.
 
-A record per input:
-- classified: ``file, label, score, top_k, inference_ms, model_sha256, utc``
-  (``inference_ms`` is the model's invoke time, the part the model is to blame for);
-- failed: ``file, error`` (the cause, one line) — the run goes on, the exit code is 1;
-- skipped (a dark, flat or bias frame): ``file, skipped`` (the reason) — not a failure,
-  since a calibration frame in a capture folder is expected, not broken.
+Each input's record is a `nebula.device.record.ResultRecord` (its docstring lists
+the fields): classified, failed (``error``: the run goes on, the exit code is 1) or
+skipped (a dark, flat or bias frame: not a failure, since a calibration frame in a
+capture folder is expected, not broken). The web page classifies an upload with
+the same `classify_file`.
 """
 
 from __future__ import annotations
@@ -18,51 +17,43 @@ import csv
 import json
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Iterable, Iterator
+from typing import IO, ContextManager, Iterable, Iterator
 
+from nebula.device.config import RunConfig
 from nebula.device.decode import ImageError, SkippedImage, load_image
-from nebula.device.fits import FITS_SUFFIXES
+from nebula.device.formats import is_image_name
+from nebula.device.record import CSV_COLUMNS, ResultRecord, utc_now
 from nebula.device.runtime import UNKNOWN, Classifier, Prediction
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff") + FITS_SUFFIXES
 FORMATS = ("table", "jsonl", "csv")
 
 
 @dataclass
 class Result:
+    """What classifying one file gave: its prediction (with stage timings), or why there is none."""
+
     file: str
     prediction: Prediction | None = None
     error: str | None = None
     skipped: str | None = None
     utc: str = ""
     timings_ms: dict[str, float] = field(default_factory=dict)
+    image_size: tuple[int, int] | None = None  # (width, height) of the decoded picture
 
     @property
     def failed(self) -> bool:
         return self.error is not None
 
+    def record(self, model_sha256: str) -> ResultRecord:
+        if self.error is not None or self.skipped is not None:
+            return ResultRecord(file=self.file, error=self.error, skipped=self.skipped, utc=None)
+        return ResultRecord.answer(self.prediction, model_sha256, file=self.file, utc=self.utc)
+
     def to_record(self, model_sha256: str) -> dict:
-        if self.error is not None:
-            return {"file": self.file, "error": self.error}
-        if self.skipped is not None:
-            return {"file": self.file, "skipped": self.skipped}
-        p = self.prediction
-        return {
-            "file": self.file,
-            "label": p.label,
-            "score": round(p.score, 4),
-            "top_k": [[label, round(score, 4)] for label, score in p.top_k],
-            "inference_ms": round(p.timings_ms["invoke"], 3),
-            "model_sha256": model_sha256,
-            "utc": self.utc,
-        }
-
-
-def is_image_name(path: Path) -> bool:
-    return path.name.lower().endswith(IMAGE_SUFFIXES) and not path.name.startswith(".")
+        return self.record(model_sha256).to_dict()
 
 
 def find_images(paths: Iterable[str | Path]) -> Iterator[Path]:
@@ -70,7 +61,7 @@ def find_images(paths: Iterable[str | Path]) -> Iterator[Path]:
     recursively in sorted order, keeping image files and skipping hidden ones (.DS_Store, ._x.jpg)."""
     for path in map(Path, paths):
         if path.is_dir():
-            found = (p for p in path.rglob("*") if is_image_name(p) and not _hidden(p.relative_to(path)) and p.is_file())
+            found = (p for p in path.rglob("*") if is_image_name(p.name) and not _hidden(p.relative_to(path)) and p.is_file())
             yield from sorted(found, key=lambda p: p.relative_to(path).parts)
         else:
             yield path
@@ -80,29 +71,30 @@ def _hidden(relative: Path) -> bool:
     return any(part.startswith(".") for part in relative.parts)
 
 
-def classify_paths(classifier: Classifier, paths: Iterable[str | Path], top_k: int = 3, threshold: float = 0.0) -> Iterator[Result]:
+def classify_paths(classifier: Classifier, paths: Iterable[str | Path], *, top_k: int = RunConfig.top_k,
+                   threshold: float = RunConfig.threshold) -> Iterator[Result]:
     """One `Result` per input image, in order, as each is done."""
     for path in find_images(paths):
-        yield classify_file(classifier, path, top_k, threshold)
+        yield classify_file(classifier, path, top_k=top_k, threshold=threshold)
 
 
-def classify_file(classifier: Classifier, path: Path, top_k: int = 3, threshold: float = 0.0) -> Result:
+def classify_file(classifier: Classifier, path: Path, *, top_k: int = RunConfig.top_k,
+                  threshold: float = RunConfig.threshold, lock: ContextManager | None = None) -> Result:
+    """Decode and classify one file. `lock` is held around the model only (the web page shares it with the daemon)."""
     t0 = time.perf_counter()
     try:
         rgb = load_image(path, classifier.spec)
     except SkippedImage as reason:
-        return Result(str(path), skipped=reason.cause, utc=_utc_now())
+        return Result(str(path), skipped=reason.cause, utc=utc_now())
     except ImageError as err:
-        return Result(str(path), error=err.cause, utc=_utc_now())
+        return Result(str(path), error=err.cause, utc=utc_now())
     decode_ms = (time.perf_counter() - t0) * 1e3
-    prediction = classifier.classify(rgb, top_k=top_k, threshold=threshold)
+    with lock or nullcontext():
+        prediction = classifier.classify(rgb, top_k=top_k, threshold=threshold)
     timings = {"decode": decode_ms, **prediction.timings_ms}
     timings["end_to_end"] = (time.perf_counter() - t0) * 1e3
-    return Result(str(path), prediction=prediction, utc=_utc_now(), timings_ms=timings)
-
-
-def _utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return Result(str(path), prediction=prediction, utc=utc_now(), timings_ms=timings,
+                  image_size=(int(rgb.shape[1]), int(rgb.shape[0])))
 
 
 class ResultWriter:
@@ -112,8 +104,6 @@ class ResultWriter:
     so a program reading the output sees every input.
     """
 
-    CSV_FIELDS = ("file", "label", "score", "top_k", "inference_ms", "model_sha256", "utc", "skipped", "error")
-
     def __init__(self, fmt: str, model_sha256: str, labels: list[str], top_k: int, out: IO | None = None, err: IO | None = None):
         if fmt not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, not {fmt!r}")
@@ -121,7 +111,7 @@ class ResultWriter:
         self.out, self.err = out or sys.stdout, err or sys.stderr  # looked up now: tests and click swap them
         self.label_width = max(len(label) for label in [*labels, "unknown", "skipped", "label"])
         self.others_width = max(len("others"), top_k * (self.label_width + 7) - 2)
-        self._csv = csv.DictWriter(self.out, fieldnames=self.CSV_FIELDS, lineterminator="\n") if fmt == "csv" else None
+        self._csv = csv.DictWriter(self.out, fieldnames=CSV_COLUMNS, lineterminator="\n") if fmt == "csv" else None
         self._header_done = False
 
     def write(self, result: Result) -> None:
@@ -165,7 +155,8 @@ class ModelUnavailable(Exception):
 def open_classifier(model: str | Path | None = None, num_threads: int | None = None) -> Classifier:
     """Load the model once (`model`, else $NEBULA_MODEL, else models/nebula.tflite), or raise `ModelUnavailable`."""
     from nebula.device.modelfile import ModelFileError
-    from nebula.device.runtime import RuntimeMissing, default_model_path
+    from nebula.device.config import default_model_path
+    from nebula.device.runtime import RuntimeMissing
 
     path = Path(model) if model else default_model_path()
     if not path.exists():

@@ -1,6 +1,15 @@
-"""Device commands: classify, bench, run, serve. No TensorFlow anywhere below this."""
+"""Device commands: classify, bench, run, serve. No TensorFlow anywhere below this.
+
+Every default a command shows comes from `RunConfig` (nebula.device.config), and
+every command that classifies resolves its settings the same way: defaults, then
+the config file, then the flags given. Options shared by several commands are
+the decorators below, written once.
+"""
 
 import click
+
+from nebula.device.config import DEFAULT_MODEL, SOURCES, RunConfig
+from nebula.device import formats
 
 
 class _ModelExit(click.ClickException):
@@ -18,17 +27,39 @@ def _classifier(model, num_threads):
         raise _ModelExit(str(err)) from None
 
 
+model_option = click.option("--model", type=click.Path(dir_okay=False),
+                            help=f"Model file [default: $NEBULA_MODEL or {DEFAULT_MODEL}].")
+num_threads_option = click.option("--num-threads", type=click.IntRange(1), help="Interpreter threads [default: runtime's choice].")
+
+
+def threshold_option(what: str = "answer"):
+    return click.option("--threshold", type=click.FloatRange(0, 1),
+                        help=f"Below this score the {what} is 'unknown' [default: {RunConfig.threshold}].")
+
+
+def top_k_option(what: str = "listed per image"):
+    return click.option("--top-k", type=click.IntRange(1), help=f"Candidates {what} [default: {RunConfig.top_k}].")
+
+
+def config_option(what: str = ""):
+    return click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                        help=f"TOML config file{what} [default: /etc/nebula-classifier/config.toml, "
+                             "then ~/.config/nebula-classifier/config.toml].")
+
+
 @click.command()
 @click.argument("paths", nargs=-1, type=click.Path(path_type=str))
 @click.option("--files-from", type=click.File("r"), help="Also classify the paths listed in this file, one per line ('-' = stdin).")
-@click.option("--model", type=click.Path(dir_okay=False), help="Model file [default: $NEBULA_MODEL or models/nebula.tflite]")
-@click.option("--top-k", default=3, show_default=True, type=click.IntRange(1), help="Candidates listed per image.")
-@click.option("--threshold", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="Below this score the answer is 'unknown'.")
+@model_option
+@top_k_option()
+@threshold_option()
 @click.option("--format", "fmt", type=click.Choice(["table", "jsonl", "csv"]), default="table", show_default=True,
               help="table for people, jsonl for programs, csv for spreadsheets.")
-@click.option("--num-threads", type=click.IntRange(1), default=None, help="Interpreter threads [default: runtime's choice].")
-def classify(paths, files_from, model, top_k, threshold, fmt, num_threads):
-    """Classify photographs: files or folders (recursive); JPEG, PNG, TIFF, FITS.
+@num_threads_option
+@config_option(" (its model, num_threads, threshold and top_k)")
+@formats.in_help
+def classify(paths, files_from, model, top_k, threshold, fmt, num_threads, config_file):
+    """Classify photographs: files or folders (recursive); {formats}.
 
     Linear FITS and 16-bit TIFF data are auto-stretched first; dark, flat and
     bias frames are skipped. Results stream out one line per image; an image
@@ -47,10 +78,11 @@ def classify(paths, files_from, model, top_k, threshold, fmt, num_threads):
     if not paths:
         raise click.UsageError("give image files or folders, or --files-from FILE")
 
-    classifier = _classifier(model, num_threads)
-    writer = ResultWriter(fmt, classifier.sha256, classifier.labels, top_k)
+    config, _ = _run_config({"model": model, "top_k": top_k, "threshold": threshold, "num_threads": num_threads}, config_file)
+    classifier = _classifier(config.model, config.num_threads)
+    writer = ResultWriter(fmt, classifier.sha256, classifier.labels, config.top_k)
     seen = failed = 0
-    for result in classify_paths(classifier, paths, top_k=top_k, threshold=threshold):
+    for result in classify_paths(classifier, paths, top_k=config.top_k, threshold=config.threshold):
         writer.write(result)
         seen += 1
         failed += result.failed
@@ -72,7 +104,7 @@ def _progress_line(what: str, done: int, total: int) -> None:
 
 
 @click.command()
-@click.option("--model", type=click.Path(dir_okay=False), help="Model file [default: $NEBULA_MODEL or models/nebula.tflite]")
+@model_option
 @click.option("--images", default=200, show_default=True, type=click.IntRange(1), help="Synthetic camera frames to time.")
 @click.option("--size", default="1024x768", show_default=True, help="Frame size WIDTHxHEIGHT of the generated JPEGs.")
 @click.option("--threads", default="1,2", show_default=True, help="Interpreter thread counts to time, comma-separated.")
@@ -121,34 +153,44 @@ def _run_config(flags: dict, config_file):
         raise click.UsageError(str(err)) from None
 
 
+def host_option(what: str = "Web page address"):
+    return click.option("--host", help=f"{what} [default: {RunConfig.host}; 0.0.0.0 opens it to the LAN].")
+
+
+def port_option(what: str = "Web page port"):
+    return click.option("--port", type=click.IntRange(0, 65535), help=f"{what} [default: {RunConfig.port}].")
+
+
 @click.command()
-@click.option("--source", type=click.Choice(["camera", "watch", "fake"]), default=None,
-              help="Where frames come from [default: fake, or watch when --watch-dir is given].")
+@click.option("--source", type=click.Choice(SOURCES), default=None,
+              help=f"Where frames come from [default: {RunConfig.source}, or watch when --watch-dir is given].")
 @click.option("--watch-dir", type=click.Path(file_okay=False), help="Folder to watch for new captures (with --source watch).")
 @click.option("--web/--no-web", default=None, help="Also serve the web page [default: no].")
-@click.option("--host", help="Web page address [default: 127.0.0.1; 0.0.0.0 opens it to the LAN].")
-@click.option("--port", type=click.IntRange(0, 65535), help="Web page port [default: 8080].")
-@click.option("--model", type=click.Path(dir_okay=False), help="Model file [default: $NEBULA_MODEL or models/nebula.tflite]")
-@click.option("--threshold", type=click.FloatRange(0, 1), help="Below this score the answer is 'unknown' [default: 0.5].")
-@click.option("--top-k", type=click.IntRange(1), help="Candidates logged per item [default: 3].")
-@click.option("--smooth", type=click.IntRange(1), help="Camera: average the last N frames [default: 5; 1 = off].")
-@click.option("--max-fps", type=click.FloatRange(0), help="Camera/fake: at most this many frames a second [default: 5; 0 = no limit].")
+@host_option()
+@port_option()
+@model_option
+@threshold_option()
+@top_k_option("logged per item")
+@click.option("--smooth", type=click.IntRange(1), help=f"Camera: average the last N frames [default: {RunConfig.smooth}; 1 = off].")
+@click.option("--max-fps", type=click.FloatRange(0),
+              help=f"Camera/fake: at most this many frames a second [default: {RunConfig.max_fps:g}; 0 = no limit].")
 @click.option("--log", type=click.Path(dir_okay=False), help="Results log, JSON lines [default: ~/.local/state/nebula-classifier/results.jsonl].")
 @click.option("--sidecar/--no-sidecar", default=None, help="Watch: write <capture>.json beside each capture [default: no].")
 @click.option("--exposure-us", type=click.IntRange(1), help="Camera: manual exposure time in microseconds (auto-exposure off).")
 @click.option("--gain", type=click.FloatRange(min=0, min_open=True), help="Camera: manual analogue gain (auto-exposure off).")
-@click.option("--poll", "poll_s", type=click.FloatRange(min=0, min_open=True), help="Watch: seconds between looks at the folder [default: 1].")
+@click.option("--poll", "poll_s", type=click.FloatRange(min=0, min_open=True),
+              help=f"Watch: seconds between looks at the folder [default: {RunConfig.poll_s:g}].")
 @click.option("--max-frames", type=click.IntRange(1), help="Stop after this many items [default: run until stopped].")
-@click.option("--num-threads", type=click.IntRange(1), help="Interpreter threads [default: runtime's choice].")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False),
-              help="TOML config file [default: /etc/nebula-classifier/config.toml, then ~/.config/nebula-classifier/config.toml].")
+@num_threads_option
+@config_option()
+@formats.in_help
 def run(config_file, **flags):
     """Classify live camera frames or new captures in a folder, until stopped.
 
     \b
     Sources:
       --source camera                    the Raspberry Pi camera (picamera2)
-      --source watch --watch-dir DIR     new FITS/JPEG/PNG/TIFF captures under DIR
+      --source watch --watch-dir DIR     new {formats} captures under DIR
                                          (INDI, Ekos/KStars <target>/Light/<filter>/, ...)
       --source fake                      generated frames, for a demo
 
@@ -181,14 +223,18 @@ def run(config_file, **flags):
 
 
 @click.command()
-@click.option("--host", help="Address to listen on [default: 127.0.0.1; 0.0.0.0 opens it to the LAN].")
-@click.option("--port", type=click.IntRange(0, 65535), help="Port [default: 8080].")
-@click.option("--model", type=click.Path(dir_okay=False), help="Model file [default: $NEBULA_MODEL or models/nebula.tflite]")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML config file (its [web] host/port and model).")
-def serve(host, port, model, config_file):
+@host_option("Address to listen on")
+@port_option("Port")
+@model_option
+@threshold_option()
+@top_k_option("shown per upload")
+@num_threads_option
+@config_option(" (its [web] host/port, model, num_threads, threshold and top_k)")
+@formats.in_help
+def serve(host, port, model, threshold, top_k, num_threads, config_file):
     """Serve the local web page: upload a photo, see the top candidates with confidence bars.
 
-    Uploads up to 25 MB of JPEG, PNG, TIFF or FITS (checked by content). For the
+    Uploads up to 25 MB of {formats} (checked by content). For the
     live view of the telescope, use 'nebula run --web' instead. Stops on Ctrl-C or SIGTERM.
 
     \b
@@ -197,9 +243,11 @@ def serve(host, port, model, config_file):
     """
     from nebula.device import web
 
-    config, _ = _run_config({"host": host, "port": port, "model": model}, config_file)
+    flags = {"host": host, "port": port, "model": model, "threshold": threshold, "top_k": top_k, "num_threads": num_threads}
+    config, _ = _run_config(flags, config_file)
     classifier = _classifier(config.model, config.num_threads)
     try:
-        web.serve(classifier, config.host, config.port, announce=lambda line: click.echo(line, err=True), top_k=config.top_k)
+        web.serve(classifier, config.host, config.port, announce=lambda line: click.echo(line, err=True),
+                  threshold=config.threshold, top_k=config.top_k)
     except web.WebServerError as err:
         raise click.ClickException(str(err)) from None

@@ -1,4 +1,4 @@
-"""Configuration of `nebula run` and `nebula serve`: defaults, then a TOML file, then flags.
+"""Configuration of the device commands (classify, run, serve): defaults, then a TOML file, then flags.
 
 Files, later ones winning: ``/etc/nebula-classifier/config.toml``, then
 ``~/.config/nebula-classifier/config.toml`` (``$XDG_CONFIG_HOME``); or only the one
@@ -49,6 +49,7 @@ else:  # pragma: no cover - Raspberry Pi OS Bullseye's Python 3.9
 
 SOURCES = ("camera", "watch", "fake")
 SYSTEM_CONFIG = Path("/etc/nebula-classifier/config.toml")
+DEFAULT_MODEL = Path("models/nebula.tflite")
 
 
 class ConfigError(Exception):
@@ -60,6 +61,11 @@ def user_config_path(env=os.environ) -> Path:
     return base / "nebula-classifier" / "config.toml"
 
 
+def default_model_path(env=os.environ) -> Path:
+    """The model when none is named: $NEBULA_MODEL, else models/nebula.tflite."""
+    return Path(env.get("NEBULA_MODEL") or DEFAULT_MODEL)
+
+
 def default_log_path(env=os.environ) -> str:
     base = Path(env["XDG_STATE_HOME"]) if env.get("XDG_STATE_HOME") else Path.home() / ".local" / "state"
     return str(base / "nebula-classifier" / "results.jsonl")
@@ -67,6 +73,14 @@ def default_log_path(env=os.environ) -> str:
 
 @dataclass
 class RunConfig:
+    """The device's settings, and the only home of their defaults.
+
+    Every route reads it: ``nebula classify`` (model, num_threads, threshold, top_k),
+    ``nebula serve`` (and web host, port), ``nebula run`` and ``run --web`` (all of it).
+    `resolve` fills it from defaults, then the config files, then flags; help texts
+    quote the class attributes (``RunConfig.threshold``) for their defaults.
+    """
+
     source: str = "fake"
     watch_dir: str | None = None
     poll_s: float = 1.0

@@ -1,16 +1,10 @@
 """The loop at the telescope: frame source -> classify -> results log (and the web page).
 
 Every item the source yields gets exactly one line in an append-only JSON-lines
-log, flushed per line, so a kill loses nothing already classified. The lines have
-the keys of ``nebula classify --format jsonl``:
-
-- classified: ``file`` (a capture) or ``frame`` (a camera frame number), ``label``,
-  ``score``, ``top_k``, ``inference_ms``, ``model_sha256``, ``utc``, then the source's
-  extras (``size``/``mtime_ns``/``target``/``filter`` for captures, ``exposure_us``/``gain``
-  for the camera); live sources add ``frame_label`` (this frame alone) and
-  ``smoothed_over`` (how many frames the label averages);
-- failed: ``file`` or ``frame``, ``error`` (one line), ``utc``; the loop goes on;
-- skipped (calibration frames): ``file``, ``skipped``, ``utc``.
+log, flushed per line, so a kill loses nothing already classified. Each line is a
+`nebula.device.record.ResultRecord` (its docstring lists the fields), as
+``nebula classify --format jsonl`` writes them, with the source's extras; a failed
+or skipped item gets its line too, and the loop goes on.
 
 Live sources are smoothed: the label comes from the mean of the last N frames'
 probabilities, so it does not flicker between two classes on a noisy sky. A
@@ -30,7 +24,6 @@ import threading
 import time
 from collections import deque
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -38,11 +31,8 @@ import numpy as np
 
 from nebula.device.camera import FakeCamera, FileKey, Frame, FrameSource, PiCamera, WatchFolder
 from nebula.device.config import RunConfig, write_resolved
+from nebula.device.record import ResultRecord
 from nebula.device.runtime import Classifier, Prediction
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class ResultsLog:
@@ -97,16 +87,19 @@ class Smoother:
 
 
 class Daemon:
-    """Runs one source through one classifier into one log until the source ends or `stop()`."""
+    """Runs one source through one classifier into one log until the source ends or `stop()`.
+
+    Defaults are RunConfig's, except max_fps (no limit here: library use and tests).
+    """
 
     def __init__(
         self,
         classifier: Classifier,
         source: FrameSource,
         log: ResultsLog,
-        threshold: float = 0.5,
-        top_k: int = 3,
-        smooth: int = 5,
+        threshold: float = RunConfig.threshold,
+        top_k: int = RunConfig.top_k,
+        smooth: int = RunConfig.smooth,
         max_fps: float = 0.0,
         max_frames: int | None = None,
         sidecar: bool = False,
@@ -135,12 +128,13 @@ class Daemon:
             for frame in frames:
                 record = self.process(frame)
                 if self.sidecar and frame.path is not None:
-                    _write_sidecar(frame.path, record)
-                self.log.write(record)
+                    record.sidecar_error = _write_sidecar(frame.path, record.to_dict())
+                line = record.to_dict()
+                self.log.write(line)
                 self.count += 1
-                self.errors += "error" in record
+                self.errors += record.error is not None
                 if self.on_result is not None:
-                    self.on_result(record, frame)
+                    self.on_result(line, frame)
                 if self._stopping or (self.max_frames and self.count >= self.max_frames):
                     break
                 if interval:
@@ -150,46 +144,37 @@ class Daemon:
             frames.close()
         return self.count
 
-    def process(self, frame: Frame) -> dict:
+    def process(self, frame: Frame) -> ResultRecord:
         """One item to one record (never raises for a bad frame: the record says what went wrong)."""
-        head = {"file": str(frame.path)} if frame.path is not None else {"frame": int(frame.id) if frame.id.isdigit() else frame.id}
-        if frame.error is not None:
-            return {**head, "error": frame.error, "utc": utc_now(), **frame.metadata}
-        if frame.skipped is not None:
-            return {**head, "skipped": frame.skipped, "utc": utc_now(), **frame.metadata}
-        labels = self.classifier.labels
+        where = {"file": str(frame.path)} if frame.path is not None else {"frame": int(frame.id) if frame.id.isdigit() else frame.id}
+        extras = dict(frame.metadata)
+        if frame.error is not None or frame.skipped is not None:
+            return ResultRecord(**where, error=frame.error, skipped=frame.skipped, extras=extras)
         try:
             with self.lock:
                 single = self.classifier.classify(frame.rgb, top_k=self.top_k, threshold=self.threshold)
         except (ValueError, RuntimeError) as err:
-            return {**head, "error": f"cannot classify ({_one_line(err)})", "utc": utc_now(), **frame.metadata}
+            return ResultRecord(**where, error=f"cannot classify ({_one_line(err)})", extras=extras)
         averaged = self.smoother.add(single.probabilities)
-        answer = Prediction.from_probabilities(averaged, labels, self.top_k, self.threshold)
-        record = {
-            **head,
-            "label": answer.label,
-            "score": round(answer.score, 4),
-            "top_k": [[label, round(score, 4)] for label, score in answer.top_k],
-            "inference_ms": round(single.timings_ms["invoke"], 3),
-            "model_sha256": self.classifier.sha256,
-            "utc": utc_now(),
-        }
+        answer = Prediction.from_probabilities(averaged, self.classifier.labels, self.top_k, self.threshold)
+        answer.timings_ms = single.timings_ms  # the model's time is this frame's, whatever the smoothing
+        record = ResultRecord.answer(answer, self.classifier.sha256, **where, extras=extras)
         if self.source.live:
-            record["frame_label"] = single.label
-            record["smoothed_over"] = len(self.smoother)
-        record.update(frame.metadata)
+            record.frame_label = single.label
+            record.smoothed_over = len(self.smoother)
         return record
 
 
-def _write_sidecar(capture: Path, record: dict) -> None:
-    """``<capture>.json`` beside the capture (atomically); a failure is noted in the record, not fatal."""
+def _write_sidecar(capture: Path, record: dict) -> str | None:
+    """``<capture>.json`` beside the capture (atomically); a failure is returned for the record, not fatal."""
     target = capture.with_name(capture.name + ".json")
     tmp = capture.with_name(f".{capture.name}.json.tmp")
     try:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
         os.replace(tmp, target)
     except OSError as err:
-        record["sidecar_error"] = f"{target}: {err.strerror or err}"
+        return f"{target}: {err.strerror or err}"
+    return None
 
 
 def _one_line(err: BaseException) -> str:
@@ -249,7 +234,8 @@ def run(
         from nebula.device.web import LiveState, start_server
 
         state = LiveState()
-        server = start_server(classifier, config.host, config.port, state=state, lock=lock)
+        server = start_server(classifier, config.host, config.port, state=state, lock=lock,
+                              threshold=config.threshold, top_k=config.top_k)
         callbacks.append(state.update)
         announce(f"web page: {server.url}")
 

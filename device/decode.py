@@ -1,5 +1,10 @@
 """Read any image a telescope user has (JPEG, PNG, TIFF, FITS) into an RGB uint8 array.
 
+Which decoder reads a file comes from the format table (`nebula.device.formats`):
+by its first bytes, else by its name; `_DECODERS` maps each format's decoder
+name to the function here. A file of no known format goes to PIL, which says
+what it is not.
+
 Every failure is an `ImageError` whose message is one line naming the file and
 the cause; calibration frames are a `SkippedImage`, not an error.
 
@@ -31,10 +36,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from nebula.device import fits
+from nebula.device import fits, formats
 from nebula.device.preprocess import PreprocessSpec
 
-_HEAD_BYTES = 80  # one FITS card: enough to recognise 'SIMPLE  ='
 _EXIF_ORIENTATION = 0x0112
 # EXIF orientation -> the transpose that makes the picture upright (as ImageOps.exif_transpose).
 _UPRIGHT = {
@@ -66,13 +70,12 @@ def load_image(path: str | Path, spec: PreprocessSpec | None = None) -> np.ndarr
     path = Path(path)
     try:
         with open(path, "rb") as file:
-            head = file.read(_HEAD_BYTES)
+            head = file.read(formats.HEAD_BYTES)
             if not head:
                 raise ImageError(path, "empty file (0 bytes)")
-            if fits.is_fits(path, head):
-                return _load_fits(path, spec)
+            found = formats.by_content(head) or formats.by_name(path.name)
             file.seek(0)
-            return _load_with_pil(file, path, spec)
+            return _DECODERS[found.decoder if found else "pil"](file, path, spec)
     except FileNotFoundError:
         raise ImageError(path, "no such file") from None
     except IsADirectoryError:
@@ -83,7 +86,8 @@ def load_image(path: str | Path, spec: PreprocessSpec | None = None) -> np.ndarr
         raise ImageError(path, "too large to decode in memory") from None
 
 
-def _load_fits(path: Path, spec: PreprocessSpec | None) -> np.ndarray:
+def _load_fits(file, path: Path, spec: PreprocessSpec | None) -> np.ndarray:
+    # astropy opens the file by name itself: it undoes gzip from the name
     try:
         return fits.read_fits(path, spec.content_size if spec else None)
     except fits.CalibrationFrame as reason:
@@ -138,6 +142,13 @@ def to_rgb_array(image: Image.Image) -> np.ndarray:
     if image.mode != "RGB":
         image = image.convert("RGB")
     return np.asarray(image)
+
+
+# decoder name in the format table -> function(open file, path, spec) -> HxWx3 uint8
+_DECODERS = {"pil": _load_with_pil, "fits": _load_fits}
+_unknown = {fmt.decoder for fmt in formats.FORMATS} - set(_DECODERS)
+if _unknown:
+    raise ImportError(f"nebula.device.formats names decoders that decode.py lacks: {sorted(_unknown)}")
 
 
 def _display_or_error(path: Path, planes: np.ndarray, full_scale: float | None) -> np.ndarray:

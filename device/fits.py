@@ -58,7 +58,6 @@ _STATS_SAMPLES = 500_000  # robust statistics on a strided subsample: a 24 MP fr
 _BAYER_PATTERNS = ("RGGB", "BGGR", "GRBG", "GBRG")
 _CALIBRATION_WORDS = ("dark", "flat", "bias")
 _CALIBRATION_TOKENS = ("zero", "offset")  # IRAF's and some capture programs' names for a bias frame
-FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fts.gz", ".fz")
 
 
 class FitsError(Exception):
@@ -67,10 +66,6 @@ class FitsError(Exception):
 
 class CalibrationFrame(Exception):
     """A dark, flat or bias frame: there is nothing to classify; the message is the reason."""
-
-
-def is_fits(path: Path, head: bytes) -> bool:
-    return head.startswith(b"SIMPLE  =") or path.name.lower().endswith(FITS_SUFFIXES)
 
 
 def read_fits(path: str | Path, content_size=None) -> np.ndarray:

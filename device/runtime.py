@@ -7,7 +7,6 @@ TensorFlow's own `tf.lite` (only present on a workstation install).
 from __future__ import annotations
 
 import importlib
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,10 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from nebula.device import modelfile
+from nebula.device.config import default_model_path
 from nebula.device.modelfile import ModelFileError
 from nebula.device.preprocess import prepare
 
-DEFAULT_MODEL = Path("models/nebula.tflite")
 UNKNOWN = "unknown"
 
 _BACKENDS = (
@@ -49,10 +48,6 @@ def load_interpreter_class(prefer: str | None = None):
     )
 
 
-def default_model_path() -> Path:
-    return Path(os.environ.get("NEBULA_MODEL") or DEFAULT_MODEL)
-
-
 @dataclass
 class Prediction:
     label: str
@@ -62,9 +57,10 @@ class Prediction:
     probabilities: np.ndarray | None = None  # every label's score, in label order (for smoothing)
 
     @classmethod
-    def from_probabilities(cls, probs: np.ndarray, labels: list[str], top_k: int = 3, threshold: float = 0.0):
+    def from_probabilities(cls, probs: np.ndarray, labels: list[str], top_k: int | None = None, threshold: float = 0.0):
+        """Rank `probs`. These defaults are no policy (every label, no cut-off); the routes pass RunConfig's."""
         # uint8 outputs tie often (256 levels): a stable sort on -p breaks ties by label order, as argmax does
-        order = np.argsort(-np.asarray(probs), kind="stable")[: max(1, top_k)]
+        order = np.argsort(-np.asarray(probs), kind="stable")[: max(1, top_k or len(labels))]
         ranked = [(labels[i], float(probs[i])) for i in order]
         label, score = ranked[0]
         return cls(label=label if score >= threshold else UNKNOWN, score=score, top_k=ranked, probabilities=probs)
@@ -109,8 +105,8 @@ class Classifier:
             return (raw.astype(np.float32) - self._output_zero) * np.float32(self._output_scale)
         return raw.astype(np.float32)
 
-    def classify(self, rgb, top_k: int = 3, threshold: float = 0.0) -> Prediction:
-        """Classify one RGB image of any size (PIL image or HxWx3 uint8 array)."""
+    def classify(self, rgb, top_k: int | None = None, threshold: float = 0.0) -> Prediction:
+        """Classify one RGB image of any size (PIL image or HxWx3 uint8 array); top_k/threshold as `Prediction`'s."""
         t0 = time.perf_counter()
         image = prepare(rgb, self.spec)
         t1 = time.perf_counter()

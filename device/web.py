@@ -8,11 +8,12 @@ Bound to 127.0.0.1 unless a host is given.
 - ``GET /api/latest``: ``{"latest": record | null, "history": [...], "image": url | null, "model": {...}}``.
 - ``GET /latest.jpg``: the latest frame (downscaled), encoded when asked for.
 - ``POST /api/classify``: a photo as ``multipart/form-data`` (field ``image``) or as the raw
-  body (name in ``X-Filename``); answers a record like the results log's, or
+  body (name in ``X-Filename``); answers a `ResultRecord` (``nebula.device.record``) like
+  the results log's, classified by the same `classify_file` as ``nebula classify``, or
   ``{"error": "..."}`` with a 4xx status.
 
 Uploads: at most `max_upload` bytes (413 beyond); the type is checked by content
-(JPEG, PNG, TIFF or FITS magic bytes; 415 otherwise); the bytes are written only
+(the magic bytes of `nebula.device.formats`; 415 otherwise); the bytes are written only
 to a private temporary folder (``tempfile.mkdtemp``: mode 0700) under a fixed name,
 decoded in-process (never handed to a shell), and deleted at once. The page puts
 every text in with ``textContent``, so nothing from a file name or a model label
@@ -31,7 +32,6 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -40,19 +40,14 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from nebula.device import formats
+from nebula.device.config import RunConfig
+
 MAX_UPLOAD = 25 * 1024 * 1024
 _DRAIN_FACTOR = 4  # read and discard a too-large body up to 4x the limit, so the client sees the 413
 _PREVIEW_MAX_SIDE = 800
 _CHUNK = 64 * 1024
 
-# Magic bytes -> (kind, file suffix). The suffix matters: the decoder sniffs FITS by name too.
-_MAGIC = (
-    (b"\xff\xd8\xff", ("JPEG", ".jpg")),
-    (b"\x89PNG\r\n\x1a\n", ("PNG", ".png")),
-    (b"II*\x00", ("TIFF", ".tif")),
-    (b"MM\x00*", ("TIFF", ".tif")),
-    (b"SIMPLE  =", ("FITS", ".fits")),
-)
 _STATIC = {
     "/": ("templates/index.html", "text/html; charset=utf-8"),
     "/static/app.js": ("static/app.js", "text/javascript; charset=utf-8"),
@@ -76,14 +71,6 @@ class UploadError(Exception):
     def __init__(self, status: HTTPStatus, message: str):
         super().__init__(message)
         self.status = status
-
-
-def sniff_type(data: bytes) -> tuple[str, str] | None:
-    """(kind, suffix) of an image by its first bytes, or None."""
-    for magic, kind in _MAGIC:
-        if data.startswith(magic):
-            return kind
-    return None
 
 
 def _header_param(value: str, header: str, param: str) -> str | None:
@@ -126,10 +113,6 @@ def _display_name(filename: str) -> str:
     """Just the base name, printable, at most 200 characters: it is only ever shown, never used as a path."""
     base = filename.replace("\\", "/").rsplit("/", 1)[-1]
     return "".join(ch for ch in base if ch.isprintable())[:200] or "upload"
-
-
-def _utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class LiveState:
@@ -189,7 +172,7 @@ class WebApp:
     """What the request handler needs: the model (behind a lock), the live state, the limits."""
 
     def __init__(self, classifier, state: LiveState | None = None, lock: threading.Lock | None = None,
-                 max_upload: int = MAX_UPLOAD, threshold: float = 0.0, top_k: int = 3):
+                 max_upload: int = MAX_UPLOAD, threshold: float = RunConfig.threshold, top_k: int = RunConfig.top_k):
         self.classifier = classifier
         self.state = state or LiveState()
         self.lock = lock or threading.Lock()
@@ -200,43 +183,31 @@ class WebApp:
 
     def classify_upload(self, filename: str, data: bytes) -> dict:
         """Check, decode and classify one uploaded photo; raises UploadError with a clear message."""
-        from nebula.device.decode import ImageError, SkippedImage, load_image
+        from nebula.device.classify import classify_file
 
         name = _display_name(filename)
         if not data:
             raise UploadError(HTTPStatus.BAD_REQUEST, f"{name}: empty upload")
-        kind = sniff_type(data[:16])
+        kind = formats.by_content(data[: formats.HEAD_BYTES])
         if kind is None:
-            raise UploadError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"{name}: not a JPEG, PNG, TIFF or FITS image (checked by content)")
+            raise UploadError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"{name}: not a {formats.names_text()} image (checked by content)")
         folder = tempfile.mkdtemp(prefix="nebula-upload-")  # mode 0700: private to this user
         try:
-            path = Path(folder, "upload" + kind[1])
+            path = Path(folder, "upload" + kind.suffixes[0])
             path.write_bytes(data)
-            t0 = time.perf_counter()
-            try:
-                rgb = load_image(path, self.classifier.spec)
-            except SkippedImage as reason:
-                raise UploadError(HTTPStatus.UNPROCESSABLE_ENTITY, f"{name}: not classified: {reason.cause}") from None
-            except ImageError as err:
-                raise UploadError(HTTPStatus.UNPROCESSABLE_ENTITY, f"{name}: {err.cause}") from None
-            decode_ms = (time.perf_counter() - t0) * 1e3
+            result = classify_file(self.classifier, path, top_k=self.top_k, threshold=self.threshold, lock=self.lock)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-        with self.lock:
-            prediction = self.classifier.classify(rgb, top_k=self.top_k, threshold=self.threshold)
-        return {
-            "file": name,
-            "label": prediction.label,
-            "score": round(prediction.score, 4),
-            "top_k": [[label, round(score, 4)] for label, score in prediction.top_k],
-            "inference_ms": round(prediction.timings_ms["invoke"], 3),
-            "decode_ms": round(decode_ms, 3),
-            "model_sha256": self.classifier.sha256,
-            "utc": _utc_now(),
-            "type": kind[0],
-            "width": int(rgb.shape[1]),
-            "height": int(rgb.shape[0]),
-        }
+        if result.skipped is not None:
+            raise UploadError(HTTPStatus.UNPROCESSABLE_ENTITY, f"{name}: not classified: {result.skipped}")
+        if result.error is not None:
+            raise UploadError(HTTPStatus.UNPROCESSABLE_ENTITY, f"{name}: {result.error}")
+        record = result.record(self.classifier.sha256)
+        record.file = name
+        record.decode_ms = round(result.timings_ms["decode"], 3)
+        width, height = result.image_size
+        record.extras = {"type": kind.name, "width": width, "height": height}
+        return record.to_dict()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -369,14 +340,17 @@ def serve(classifier, host: str = "127.0.0.1", port: int = 8080, announce=print,
     """Serve in the foreground until SIGTERM or SIGINT (`nebula serve`)."""
     import signal
 
-    server = start_server(classifier, host, port, **app_options)
-    announce(f"web page: {server.url}")
     stopped = threading.Event()
+    # Handlers first: once the page is announced, a SIGTERM must stop it cleanly.
     previous = {sig: signal.signal(sig, lambda *_: stopped.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    server = None
     try:
+        server = start_server(classifier, host, port, **app_options)
+        announce(f"web page: {server.url}")
         while not stopped.is_set():
             time.sleep(0.2)  # a plain sleep: signal handlers run between slices
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-        server.stop()
+        if server is not None:
+            server.stop()

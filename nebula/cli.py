@@ -1,19 +1,47 @@
 """The `nebula` command: a thin click group over the library.
 
-Device commands (classify, bench, run, serve) import no TensorFlow. Workstation
-commands (data, backbone, train, evaluate, convert) import it inside the command,
-so `nebula --help` works on a Raspberry Pi with only the device install.
+Each command's module is imported only when that command runs (or when
+``nebula --help`` lists them), so ``nebula classify`` on a Raspberry Pi loads
+nothing from nebula.train or nebula.convert. Device commands (classify, bench,
+run, serve) import no TensorFlow; workstation commands (data, backbone, train,
+evaluate, convert) import it inside the command.
 """
+
+import importlib
 
 import click
 
 from nebula import __version__
-from nebula.convert import cli as convert_cli
-from nebula.device import cli as device_cli
-from nebula.train import cli as train_cli
+
+# command name -> "module:attribute" of its click command
+COMMANDS = {
+    "data": "nebula.train.cli:data",
+    "backbone": "nebula.train.cli:backbone",
+    "train": "nebula.train.cli:train",
+    "crossval": "nebula.train.cli:crossval",
+    "evaluate": "nebula.train.cli:evaluate",
+    "convert": "nebula.convert.cli:convert",
+    "classify": "nebula.device.cli:classify",
+    "bench": "nebula.device.cli:bench",
+    "run": "nebula.device.cli:run",
+    "serve": "nebula.device.cli:serve",
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _LazyGroup(click.Group):
+    """A group whose commands are imported by name on first use (click's documented lazy-loading pattern)."""
+
+    def list_commands(self, ctx):
+        return sorted({*COMMANDS, *self.commands})
+
+    def get_command(self, ctx, name):
+        if name not in self.commands and name in COMMANDS:
+            module, attribute = COMMANDS[name].split(":")
+            self.add_command(getattr(importlib.import_module(module), attribute), name)
+        return self.commands.get(name)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="nebula")
 def cli():
     """Tell what kind of nebula a telescope is looking at.
@@ -24,21 +52,6 @@ def cli():
 
     Run 'nebula COMMAND --help' for each command's options and an example.
     """
-
-
-for command in (
-    train_cli.data,
-    train_cli.backbone,
-    train_cli.train,
-    train_cli.crossval,
-    train_cli.evaluate,
-    convert_cli.convert,
-    device_cli.classify,
-    device_cli.bench,
-    device_cli.run,
-    device_cli.serve,
-):
-    cli.add_command(command)
 
 
 def main():

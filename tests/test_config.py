@@ -1,7 +1,22 @@
-"""Configuration: defaults, then TOML files, then flags; clear one-line errors."""
+"""Configuration: defaults, then TOML files, then flags; clear one-line errors; every route reads it."""
 
-from click.testing import CliRunner
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
 import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import sky_image
 
 from nebula.cli import cli
 from nebula.device.config import SYSTEM_CONFIG, ConfigError, RunConfig, resolve, resolved_path, user_config_path
@@ -78,3 +93,91 @@ def test_cli_reports_a_bad_config_as_a_usage_error(tmp_path):
     result = CliRunner().invoke(cli, ["run", "--config", str(path)])
     assert result.exit_code == 2
     assert "unknown setting 'colour'" in result.output
+
+
+# --- a config file's threshold and top_k reach every route --------------------------------------
+# threshold = 1.0 makes every answer 'unknown' (an int8 score tops out at 255/256); top_k = 2 is not the default.
+
+_ROUTE_CONFIG = "threshold = 1.0\ntop_k = 2\n"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def route_config(tmp_path):
+    path = tmp_path / "night.toml"
+    path.write_text(_ROUTE_CONFIG)
+    return path
+
+
+@pytest.fixture
+def emission_png(tmp_path):
+    path = tmp_path / "M42.png"
+    Image.fromarray(sky_image("emission", size=96, seed=5000)).save(path)
+    return path
+
+
+def _judged_by_the_config(record):
+    return record["label"] == "unknown" and len(record["top_k"]) == 2
+
+
+def test_config_threshold_reaches_classify(tiny_model_file, route_config, emission_png):
+    args = ["classify", str(emission_png), "--model", str(tiny_model_file), "--format", "jsonl", "--config", str(route_config)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert _judged_by_the_config(json.loads(result.stdout))
+    flagged = json.loads(CliRunner().invoke(cli, [*args, "--threshold", "0"]).stdout)  # the flag wins over the file
+    assert flagged["label"] == "emission" and len(flagged["top_k"]) == 2
+
+
+def test_config_threshold_reaches_run(tiny_model_file, route_config, tmp_path):
+    log = tmp_path / "r.jsonl"
+    result = CliRunner().invoke(cli, ["run", "--source", "fake", "--max-frames", "3", "--max-fps", "0", "--model", str(tiny_model_file),
+                                      "--log", str(log), "--config", str(route_config)])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(lines) == 3 and all(_judged_by_the_config(line) for line in lines)
+
+
+@contextmanager
+def _serving(args):
+    """Start `nebula ARGS` (serve, or run --web) in its own process; yield the page's URL; SIGTERM it after."""
+    process = subprocess.Popen([sys.executable, "-m", "nebula", *args], cwd=ROOT, stderr=subprocess.PIPE,
+                               stdout=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stderr], daemon=True).start()
+    try:
+        url, deadline = None, time.monotonic() + 60
+        while url is None and time.monotonic() < deadline:
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            if line.startswith("web page:"):
+                url = line.split()[-1]
+        assert url, "the web page did not start"
+        yield url
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def _upload(url, path):
+    request = urllib.request.Request(url + "api/classify", data=path.read_bytes(), method="POST",
+                                     headers={"X-Filename": path.name, "Content-Type": "image/png"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_config_threshold_reaches_serve(tiny_model_file, route_config, emission_png):
+    with _serving(["serve", "--port", "0", "--model", str(tiny_model_file), "--config", str(route_config)]) as url:
+        assert _judged_by_the_config(_upload(url, emission_png))
+
+
+def test_config_threshold_reaches_the_page_of_run_web(tiny_model_file, route_config, emission_png, tmp_path):
+    args = ["run", "--source", "fake", "--web", "--port", "0", "--model", str(tiny_model_file), "--log", str(tmp_path / "r.jsonl"),
+            "--config", str(route_config)]
+    with _serving(args) as url:
+        assert _judged_by_the_config(_upload(url, emission_png))
+        deadline = time.monotonic() + 30  # SIGTERM once the loop runs (its signal handlers are set by then)
+        while time.monotonic() < deadline and not ((tmp_path / "r.jsonl").exists() and (tmp_path / "r.jsonl").read_text()):
+            time.sleep(0.05)
+    assert all(_judged_by_the_config(json.loads(line)) for line in (tmp_path / "r.jsonl").read_text().splitlines())

@@ -1,4 +1,5 @@
 from collections import Counter
+from pathlib import Path
 
 from nebula.train.manifest import ManifestRow, group_from_stem, grouped_split, read_manifest, write_manifest
 
@@ -45,3 +46,31 @@ def test_manifest_round_trip(tmp_path):
     rows[0].width, rows[0].height, rows[0].credit = 640, 480, "Jane Doe, with a comma"
     write_manifest(rows, tmp_path / "m.csv")
     assert read_manifest(tmp_path / "m.csv") == rows
+
+
+def test_data_merge_keeps_compressed_fits_and_every_other_image_format(tmp_path):
+    """A folder of one's own photos in every format of the table: `nebula data merge` takes them all."""
+    import gzip
+    import io
+
+    import numpy as np
+    from astropy.io import fits as astrofits
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from nebula.cli import cli
+
+    fits_buffer = io.BytesIO()
+    astrofits.PrimaryHDU(np.random.default_rng(0).normal(1000, 30, (32, 32)).astype(np.uint16)).writeto(fits_buffer)
+    own = tmp_path / "own"
+    (own / "emission").mkdir(parents=True)
+    (own / "emission" / "M42-1.fits.gz").write_bytes(gzip.compress(fits_buffer.getvalue()))
+    (own / "emission" / "M8.fz").write_bytes(fits_buffer.getvalue())
+    (own / "emission" / "M20.fit").write_bytes(fits_buffer.getvalue())
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(own / "emission" / "M17.png")
+    (own / "emission" / "notes.txt").write_text("not an image")
+    result = CliRunner().invoke(cli, ["data", "merge", str(tmp_path / "all"), str(own)])
+    assert result.exit_code == 0, result.output
+    rows = read_manifest(tmp_path / "all" / "manifest.csv")
+    assert sorted(Path(r.file).name for r in rows) == ["M17.png", "M20.fit", "M42-1.fits.gz", "M8.fz"]
+    assert {r.designation for r in rows if r.file.endswith(".fits.gz")} == {"M42-1"}  # not 'M42-1.fits'

@@ -29,7 +29,7 @@ from conftest import sky_image
 from nebula.device.camera import Frame
 from nebula.device.config import RunConfig
 from nebula.device.runtime import Classifier
-from nebula.device.web import LiveState, WebServerError, parse_multipart, sniff_type, start_server
+from nebula.device.web import LiveState, WebServerError, parse_multipart, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,14 +79,6 @@ def _upload(server, filename, data):
 
 
 # --- pieces -----------------------------------------------------------------------------------
-
-
-def test_sniff_type_by_content_not_name():
-    assert sniff_type(_png()[:16]) == ("PNG", ".png")
-    assert sniff_type(b"\xff\xd8\xff\xe0\x00\x10JFIF") == ("JPEG", ".jpg")
-    assert sniff_type(b"II*\x00\x08\x00") == ("TIFF", ".tif") and sniff_type(b"MM\x00*\x00") == ("TIFF", ".tif")
-    assert sniff_type(b"SIMPLE  =                    T") == ("FITS", ".fits")
-    assert sniff_type(b"GIF89a") is None and sniff_type(b"<html>") is None
 
 
 def test_parse_multipart_keeps_binary_bytes_exact():
@@ -143,16 +135,16 @@ def test_too_large_is_413_and_the_server_goes_on(server):
 
 
 def test_uploads_are_written_only_to_a_private_temporary_folder_and_deleted(server, monkeypatch, tmp_path):
-    import nebula.device.decode as decode
+    import nebula.device.classify as classify  # the web page decodes through classify_file, as the CLI does
 
     seen = []
-    real_load_image = decode.load_image
+    real_load_image = classify.load_image
 
     def watching_load_image(path, spec=None):  # the real decoder, noting where it was asked to read
         seen.append((Path(path), stat.S_IMODE(os.stat(Path(path).parent).st_mode)))
         return real_load_image(path, spec)
 
-    monkeypatch.setattr(decode, "load_image", watching_load_image)
+    monkeypatch.setattr(classify, "load_image", watching_load_image)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     status, result, _ = _upload(server, "../../../etc/cron.d/evil.png", _png())
     assert status == 200 and result["file"] == "evil.png"

@@ -2,8 +2,8 @@
 
 import click
 
+from nebula.device import formats
 from nebula.extras import require, require_workstation
-from nebula.train.fit import TrainConfig
 
 
 @click.group()
@@ -71,12 +71,13 @@ def data_stellarium(source, out, crops):
 @click.argument("out", type=click.Path(file_okay=False))
 @click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--link", is_flag=True, help="Hard-link the images instead of copying them (same file system).")
+@formats.in_help
 def data_merge(out, sources, link):
     """Combine datasets into OUT: your own photos and the Stellarium set, one manifest.
 
     Each SOURCE is a dataset with manifest.csv (such as data/stellarium) or a
     folder with one sub-folder per label (dark, emission, reflection, planetary,
-    protoplanetary, supernova_remnant, other) holding JPEG, PNG or TIFF files.
+    protoplanetary, supernova_remnant, other) holding {formats} files.
     A photo's object group is its file name without a trailing -N/_N, so
     M42-1.jpg and M42_2.jpg stay on one side of every split, together with
     Stellarium's M 42.
@@ -178,36 +179,75 @@ def backbone_check(backbone_name):
     click.echo(f"{backbone_name}: ImageNet check passed")
 
 
-_TRAIN = TrainConfig(data="", out="")  # the defaults, defined once in nebula.train.fit
+# The help of `nebula train`'s tuning options, by TrainConfig field (nebula.train.fit). Every
+# field of TrainConfig but those in _NOT_OPTIONS is an option named after it, with its default,
+# so a new field costs no edit here (a help text here makes its --help read better).
+_TRAIN_HELP = {
+    "backbone": "Registered backbone (nebula backbone list).",
+    "head_epochs": "Most epochs of phase 1 (head on cached features).",
+    "epochs": "Most epochs of phase 2 (fine-tuning); early stopping on validation macro-F1 may end a phase sooner.",
+    "unfreeze": "Top backbone units fine-tuned in phase 2 (0 = head only).",
+    "views": "Views per training image: the plain one plus augmented ones.",
+    "seed": "Seed for the split, augmentation and initialisation.",
+    "batch_size": "Images per batch.",
+    "head_lr": "Learning rate of phase 1 (head).",
+    "finetune_lr": "Learning rate of phase 2 (fine-tuning).",
+    "dropout": "Dropout before the softmax layer.",
+    "snap_weights": "Round the backbone's kernels onto the int8 grid the converter uses before training, so the float model "
+                    "and the int8 model share their weights (keeps them agreeing; see README).",
+    "patience": "Epochs without a better validation macro-F1 before a phase stops.",
+    "val": "Share of images (by object group) for validation.",
+    "test": "Share of images (by object group) for the test split.",
+    "crops": "Train on the dataset's catalog-guided crops too (val and test stay whole photographs).",
+    "augment": "Augmentation recipe (see 'nebula crossval --help').",
+    "calibrate": "Fit a temperature on validation and fold it into the classifier, so scores read as probabilities.",
+}
 
 
-@click.command()
+def _augment_recipes() -> list[str]:
+    from nebula.train.augment import RECIPES
+
+    return sorted(RECIPES)
+
+
+# Fields whose values are a closed set, read only when the options are made.
+_TRAIN_CHOICES = {"augment": _augment_recipes}
+_NOT_OPTIONS = {"data", "out", "weights"}  # data, out: the required paths below; weights: for library callers (tests: None)
+
+
+def _train_config_options() -> list[click.Option]:
+    """One click option per TrainConfig field, default and type from the field (booleans get --x/--no-x)."""
+    from dataclasses import fields
+
+    from nebula.train.fit import TrainConfig
+
+    options = []
+    for f in fields(TrainConfig):
+        if f.name in _NOT_OPTIONS:
+            continue
+        flag = f.name.replace("_", "-")
+        declarations = [f"--{flag}/--no-{flag}"] if isinstance(f.default, bool) else [f"--{flag}"]
+        help_text = _TRAIN_HELP.get(f.name, f"TrainConfig.{f.name} (nebula.train.fit).")
+        kind = click.Choice(_TRAIN_CHOICES[f.name]()) if f.name in _TRAIN_CHOICES else None
+        options.append(click.Option([*declarations, f.name], default=f.default, show_default=True, help=help_text, type=kind))
+    return options
+
+
+class _TrainConfigCommand(click.Command):
+    """A command whose options include TrainConfig's fields, made on first use: listing the
+    commands (nebula --help) then imports nothing of nebula.train.fit."""
+
+    def get_params(self, ctx):
+        if not getattr(self, "_has_config_options", False):
+            self.params.extend(_train_config_options())
+            self._has_config_options = True
+        return super().get_params(ctx)
+
+
+@click.command(cls=_TrainConfigCommand)
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False), help="Dataset: manifest.csv or one sub-folder per label.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write, e.g. models/runs/main.")
-@click.option("--backbone", "backbone_name", default=_TRAIN.backbone, show_default=True, help="Registered backbone (nebula backbone list).")
-@click.option("--head-epochs", default=_TRAIN.head_epochs, show_default=True, help="Most epochs of phase 1 (head on cached features).")
-@click.option("--epochs", default=_TRAIN.epochs, show_default=True, help="Most epochs of phase 2 (fine-tuning); early stopping on validation macro-F1 may end a phase sooner.")
-@click.option("--unfreeze", default=_TRAIN.unfreeze, show_default=True, help="Top backbone units fine-tuned in phase 2 (0 = head only).")
-@click.option("--views", default=_TRAIN.views, show_default=True, help="Views per training image: the plain one plus augmented ones.")
-@click.option("--seed", default=_TRAIN.seed, show_default=True, help="Seed for the split, augmentation and initialisation.")
-@click.option("--batch-size", default=_TRAIN.batch_size, show_default=True)
-@click.option("--head-lr", default=_TRAIN.head_lr, show_default=True, help="Learning rate of phase 1 (head).")
-@click.option("--finetune-lr", default=_TRAIN.finetune_lr, show_default=True, help="Learning rate of phase 2 (fine-tuning).")
-@click.option("--dropout", default=_TRAIN.dropout, show_default=True, help="Dropout before the softmax layer.")
-@click.option("--patience", default=_TRAIN.patience, show_default=True, help="Epochs without a better validation macro-F1 before a phase stops.")
-@click.option("--val", "val_fraction", default=_TRAIN.val, show_default=True, help="Share of images (by object group) for validation.")
-@click.option("--test", "test_fraction", default=_TRAIN.test, show_default=True, help="Share of images (by object group) for the test split.")
-@click.option("--snap-weights/--no-snap-weights", default=_TRAIN.snap_weights, show_default=True,
-              help="Round the backbone's kernels onto the int8 grid the converter uses before training, so the float model "
-                   "and the int8 model share their weights (keeps them agreeing; see README).")
-@click.option("--crops/--no-crops", default=_TRAIN.crops, show_default=True,
-              help="Train on the dataset's catalog-guided crops too (val and test stay whole photographs).")
-@click.option("--augment", "augment_recipe", type=click.Choice(["sky", "shifted"]), default=_TRAIN.augment, show_default=True,
-              help="Augmentation recipe (see 'nebula crossval --help').")
-@click.option("--calibrate/--no-calibrate", default=_TRAIN.calibrate, show_default=True,
-              help="Fit a temperature on validation and fold it into the classifier, so scores read as probabilities.")
-def train(data, out, backbone_name, head_epochs, epochs, unfreeze, views, seed, batch_size, head_lr, finetune_lr, dropout, patience,
-          val_fraction, test_fraction, snap_weights, crops, augment_recipe, calibrate):
+def train(data, out, **options):
     """Train a classifier by transfer learning; writes a run folder that 'nebula convert' reads.
 
     Splits by object group (saved in split.csv), caches the frozen backbone's output
@@ -223,10 +263,7 @@ def train(data, out, backbone_name, head_epochs, epochs, unfreeze, views, seed, 
     require_workstation("train")
     from nebula.train.fit import TrainConfig as Config, TrainingError, summary, train as run_training
 
-    config = Config(data=data, out=out, backbone=backbone_name, head_epochs=head_epochs, epochs=epochs, unfreeze=unfreeze, views=views, seed=seed,
-                    batch_size=batch_size, head_lr=head_lr, finetune_lr=finetune_lr, dropout=dropout, patience=patience,
-                    val=val_fraction, test=test_fraction, snap_weights=snap_weights, crops=crops, augment=augment_recipe,
-                    calibrate=calibrate)
+    config = Config(data=data, out=out, **options)
     try:
         result = run_training(config, echo=lambda line: click.echo(line, err=True))
     except TrainingError as err:
@@ -256,7 +293,8 @@ def evaluate(model, data_dir, json_out, png_dir, batch_size):
     from pathlib import Path
 
     from nebula.device.modelfile import ModelFileError
-    from nebula.train.evaluate import evaluate_folder, format_confusion, format_scores, is_tflite
+    from nebula.device.scoring import format_confusion, format_scores
+    from nebula.train.evaluate import evaluate_folder, is_tflite
     from nebula.train.run import RunError
 
     if not is_tflite(model):
@@ -288,7 +326,7 @@ def evaluate(model, data_dir, json_out, png_dir, batch_size):
 @click.option("--backbone", "backbone_name", default="efficientnet_lite0", show_default=True, help="Registered backbone.")
 @click.option("--folds", default=5, show_default=True, help="Photographers are dealt into this many folds.")
 @click.option("--views", default=4, show_default=True, help="Views per training image: the plain one plus augmented ones.")
-@click.option("--augment", "augment_recipe", type=click.Choice(["sky", "shifted"]), default="sky", show_default=True,
+@click.option("--augment", "augment_recipe", default="sky", show_default=True,
               help="sky: rotations, flips, crops, exposure, mild white balance, noise. shifted: also other people's "
                    "processing (white balance, saturation, gradients, vignetting, blur, JPEG, bicolour narrowband).")
 @click.option("--crops/--no-crops", default=True, show_default=True, help="Train on the dataset's catalog-guided crops too.")
@@ -311,6 +349,8 @@ def crossval(data, out, backbone_name, folds, views, augment_recipe, crops, seed
     require_workstation("crossval")
     from nebula.train.crossval import CrossvalConfig, crossval as run_crossval, summary
 
+    if augment_recipe not in _augment_recipes():
+        raise click.BadParameter(f"{augment_recipe!r} is not one of {', '.join(_augment_recipes())}", param_hint="--augment")
     config = CrossvalConfig(data=data, out=out, backbone=backbone_name, folds=folds, views=views, augment=augment_recipe,
                             crops=crops, seed=seed)
     record = run_crossval(config, echo=lambda line: click.echo(line, err=True))

@@ -13,9 +13,10 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from nebula.device import formats
+
 LABELS = ("dark", "emission", "reflection", "planetary", "protoplanetary", "supernova_remnant", "other")
 MANIFEST_NAME = "manifest.csv"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".fits", ".fit", ".fts")
 SPLITS = ("train", "val", "test")
 
 
@@ -66,19 +67,20 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
 
 
 def manifest_from_folder(root: str | Path) -> list[ManifestRow]:
-    """Rows for a folder with one sub-folder per label (a user's own photos)."""
+    """Rows for a folder with one sub-folder per label (a user's own photos), in any format of `nebula.device.formats`."""
     root = Path(root)
     rows = []
     for label_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for image in sorted(label_dir.rglob("*")):
-            if image.is_file() and image.suffix.lower() in IMAGE_SUFFIXES:
+            if image.is_file() and formats.is_image_name(image.name):
+                stem = formats.stem(image.name)  # 'M42.fits.gz' -> 'M42'
                 rows.append(
                     ManifestRow(
                         file=image.relative_to(root).as_posix(),
                         label=label_dir.name,
                         label_reason=f"folder '{label_dir.name}'",
-                        designation=image.stem,
-                        group=group_from_stem(image.stem),
+                        designation=stem,
+                        group=group_from_stem(stem),
                         source_file=str(image),
                     )
                 )
