@@ -203,7 +203,7 @@ def test_augment_keeps_shape_dtype_and_colour():
     for label, (hi, lo) in {"emission": (0, 2), "reflection": (2, 0)}.items():
         source = sky_image(label, size=120, seed=5)
         for i in range(40):
-            view = augment.augment(source, spec, augment.view_rng(3, 0, i))
+            view = augment.augment(source, spec, augment.view_rng(3, "a.png", i))
             assert view.shape == (48, 48, 3) and view.dtype == np.uint8
             means = _channel_means(view)
             assert means[hi] > 1.5 * means[lo], f"{label} view {i} changed colour: RGB means {means.round(1)}"
@@ -212,9 +212,9 @@ def test_augment_keeps_shape_dtype_and_colour():
 def test_augment_varies_and_is_reproducible():
     spec = PreprocessSpec(input_size=48)
     source = sky_image("emission", size=120, seed=5)
-    first = augment.augment(source, spec, augment.view_rng(0, 1, 1))
-    assert np.array_equal(first, augment.augment(source, spec, augment.view_rng(0, 1, 1)))
-    assert not np.array_equal(first, augment.augment(source, spec, augment.view_rng(0, 1, 2)))
+    first = augment.augment(source, spec, augment.view_rng(0, "b.png", 1))
+    assert np.array_equal(first, augment.augment(source, spec, augment.view_rng(0, "b.png", 1)))
+    assert not np.array_equal(first, augment.augment(source, spec, augment.view_rng(0, "b.png", 2)))
 
 
 def test_augment_pads_rotation_with_black():
@@ -264,3 +264,18 @@ def test_real_backbone_head_for_one_epoch(tmp_path):
     assert model.output_shape[-1] == len(run.labels) == 3
     metrics = json.loads((out / "metrics.json").read_text())
     assert SCORE_KEYS <= set(metrics) and metrics["images"] == len(run.splits["test"])
+
+
+def test_shifted_augment_never_swaps_red_and_blue():
+    """Other people's processing (white balance, saturation, gradients, bicolour) must not turn red into blue or back."""
+    spec = PreprocessSpec(input_size=48)
+    for label, (hi, lo) in {"emission": (0, 2), "reflection": (2, 0)}.items():
+        source = sky_image(label, size=120, seed=5)
+        for i in range(60):
+            view = augment.augment_shifted(source, spec, augment.view_rng(3, "a.png", i))
+            assert view.shape == (48, 48, 3) and view.dtype == np.uint8
+            pixels = view.reshape(-1, 3).astype(float)
+            glow = pixels[pixels.sum(1) >= np.percentile(pixels.sum(1), 90)]  # the nebula, not the gradient behind it
+            means = glow.mean(0)
+            assert means[hi] > means[lo], f"{label} view {i} swapped colour: RGB means {means.round(1)}"
+    assert set(augment.RECIPES) == {"sky", "shifted"}

@@ -14,6 +14,7 @@ makes the model-sized image, then photometry and noise run at model resolution.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -66,9 +67,10 @@ def photometric(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
-def view_rng(seed: int, index: int, view: int) -> np.random.Generator:
-    """The generator for one view of one image: the same views whatever order they are made in."""
-    return np.random.default_rng([seed, index, view])
+def view_rng(seed: int, name: str, view: int) -> np.random.Generator:
+    """The generator for one view of one image (by its file name): the same views whatever order or dataset it is in."""
+    digest = int.from_bytes(hashlib.sha1(name.encode("utf-8")).digest()[:8], "big")
+    return np.random.default_rng([seed, digest, view])
 
 
 def save_grid(rows: list[tuple[str, list[np.ndarray]]], path: str | Path, tile: int = 112) -> Path:
@@ -85,3 +87,47 @@ def save_grid(rows: list[tuple[str, list[np.ndarray]]], path: str | Path, tile: 
     path = Path(path)
     grid.save(path)
     return path
+
+
+# ---------------------------------------------------------------- "shifted": other people's processing
+# On top of the "sky" views: what differs between two amateurs' finished pictures of one object.
+SHIFT_GAIN = (0.87, 1.15)  # white balance per channel: wider than the sky recipe, never enough to turn blue into red
+SATURATION = (0.5, 1.7)  # from washed-out to boosted colour
+GRADIENT = (0.0, 45.0)  # light-pollution / moon gradient amplitude, 0..255 units, in a warm-to-grey colour
+VIGNETTE = (0.0, 0.45)  # light lost at the corners
+BLUR_RADIUS = (0.0, 1.6)  # seeing, focus, a small telescope's optics (px at model resolution)
+JPEG_QUALITY = (30, 95)  # web pictures
+HOO_PROBABILITY = 0.15  # bicolour narrowband: red from H-alpha, green and blue from O III
+
+
+def augment_shifted(image: np.ndarray, spec: PreprocessSpec, rng: np.random.Generator) -> np.ndarray:
+    """A "sky" view, then processing and gear that other photographers bring (one (S, S, 3) uint8 view)."""
+    x = augment(image, spec, rng).astype(np.float32)
+    if rng.random() < HOO_PROBABILITY:
+        oiii = 0.5 * (x[..., 1] + x[..., 2])
+        x = np.stack([x[..., 0], oiii, oiii], axis=-1)
+    x = x * rng.uniform(*SHIFT_GAIN, 3).astype(np.float32)
+    grey = x.mean(axis=-1, keepdims=True)
+    x = grey + (x - grey) * np.float32(rng.uniform(*SATURATION))
+    s = x.shape[0]
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s - 0.5
+    angle = rng.uniform(0, 2 * np.pi)
+    ramp = (np.cos(angle) * xx + np.sin(angle) * yy + 0.5)[..., None]
+    tint = np.array([1.0, rng.uniform(0.6, 1.0), rng.uniform(0.3, 0.9)], np.float32)
+    x = x + ramp * np.float32(rng.uniform(*GRADIENT)) * tint
+    x = x * (1 - np.float32(rng.uniform(*VIGNETTE)) * (2 * (xx ** 2 + yy ** 2))[..., None])
+    picture = Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8))
+    radius = float(rng.uniform(*BLUR_RADIUS))
+    if radius > 0.3:
+        from PIL import ImageFilter
+
+        picture = picture.filter(ImageFilter.GaussianBlur(radius))
+    import io
+
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", quality=int(rng.integers(*JPEG_QUALITY)))
+    buffer.seek(0)
+    return np.asarray(Image.open(buffer).convert("RGB"))
+
+
+RECIPES = {"sky": augment, "shifted": augment_shifted}  # --augment NAME

@@ -78,25 +78,26 @@ def decode_rows(
     )
 
 
-def view_images(decoded: DecodedImages, spec: PreprocessSpec, views: int, seed: int):
+def view_images(decoded: DecodedImages, spec: PreprocessSpec, views: int, seed: int, augmenter=augment):
     """Yield the `views` views of each image in order: view 0 is the plain prepared image, the rest augmented."""
     for i in range(len(decoded)):
         yield decoded.prepared[i]
         for v in range(1, views):
-            yield augment(decoded.reduced[i], spec, view_rng(seed, i, v))
+            yield augmenter(decoded.reduced[i], spec, view_rng(seed, decoded.rows[i].file, v))
 
 
 def view_labels(decoded: DecodedImages, views: int) -> np.ndarray:
     return np.repeat(decoded.labels, views)
 
 
-def augmented_views(decoded: DecodedImages, spec: PreprocessSpec, views: int, seed: int, batch_size: int = 32):
+def augmented_views(decoded: DecodedImages, spec: PreprocessSpec, views: int, seed: int, batch_size: int = 32,
+                    augmenter=augment):
     """A tf.data pipeline of the training views as float32 batches (raw RGB 0..255), in a fixed order."""
     import tensorflow as tf
 
     s = spec.input_size
     dataset = tf.data.Dataset.from_generator(
-        lambda: view_images(decoded, spec, views, seed),
+        lambda: view_images(decoded, spec, views, seed, augmenter),
         output_signature=tf.TensorSpec((s, s, 3), tf.uint8),
     )
     return dataset.map(lambda x: tf.cast(x, tf.float32)).batch(batch_size).prefetch(tf.data.AUTOTUNE)

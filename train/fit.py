@@ -36,7 +36,8 @@ import numpy as np
 
 from nebula.device.preprocess import PreprocessSpec
 from nebula.train import report, run as runfiles
-from nebula.train.augment import augment, save_grid, view_rng
+from nebula.train import calibrate
+from nebula.train.augment import RECIPES, save_grid, view_rng
 from nebula.train.dataset import (
     DecodedImages,
     augmented_views,
@@ -68,6 +69,9 @@ class TrainConfig:
     finetune_lr: float = 1e-4
     dropout: float = 0.3
     snap_weights: bool = True  # backbone kernels rounded to the int8 grid before training (nebula.train.int8_grid)
+    crops: bool = True  # train on the dataset's catalog-guided crops too (never in val or test)
+    augment: str = "sky"  # augmentation recipe: nebula.train.augment.RECIPES
+    calibrate: bool = True  # fit a temperature on validation and fold it into the classifier
     patience: int = 4  # epochs without a better validation macro-F1 before a phase stops
     val: float = 0.15
     test: float = 0.15
@@ -83,6 +87,20 @@ class TrainResult:
     labels: list[str]
     test: Evaluation
     metrics: dict
+
+
+def split_with_crops(rows, config: TrainConfig) -> dict[str, list]:
+    """The object-grouped split of the photographs; crops join train unless their group is in val or test (then dropped).
+
+    Val and test hold whole photographs only, so their scores compare with runs without crops.
+    """
+    photos = [r for r in rows if r.origin != "crop"]
+    splits = grouped_split(photos, val=config.val, test=config.test, seed=config.seed)
+    if config.crops:
+        held = {r.group for split in ("val", "test") for r in splits[split]}
+        splits["train"] = sorted(splits["train"] + [r for r in rows if r.origin == "crop" and r.group not in held],
+                                 key=lambda r: r.file)
+    return splits
 
 
 def ordered_labels(rows) -> list[str]:
@@ -113,7 +131,7 @@ def _macro_f1_and_accuracy(probs: np.ndarray, truth: np.ndarray, labels: list[st
     return s["macro_f1"], s["accuracy"]
 
 
-def _fit_phase(name, model, train_data, val_inputs, val_truth, labels, epochs, patience, batch_size, echo, history,
+def fit_with_early_stopping(name, model, train_data, val_inputs, val_truth, labels, epochs, patience, batch_size, echo, history,
                best=None):
     """Fit with early stopping on validation macro-F1; restores the best weights. Returns (macro-F1, accuracy)."""
     import keras
@@ -167,7 +185,7 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> TrainResu
     if len(labels) < 2:
         raise TrainingError(f"{data_dir}: only one label ({labels[0]}); a classifier needs two or more")
     make_deterministic(config.seed)
-    splits = grouped_split(rows, val=config.val, test=config.test, seed=config.seed)
+    splits = split_with_crops(rows, config)
     for split in ("train", "val"):
         if not splits[split]:
             raise TrainingError(f"{data_dir}: the {split} split is empty ({len(rows)} images are too few to split by group)")
@@ -216,7 +234,8 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> TrainResu
     t = time.perf_counter()
     n_views = len(train_images) * config.views
     echo(f"caching the frozen bottom ({cut} of {len(backbone.layers)} layers) for {n_views} training views")
-    cached_train = _predict_with_progress(bottom, augmented_views(train_images, spec, config.views, config.seed, config.batch_size),
+    augmenter = RECIPES[config.augment]
+    cached_train = _predict_with_progress(bottom, augmented_views(train_images, spec, config.views, config.seed, config.batch_size, augmenter),
                                           n_views, config.batch_size, "training views")
     cached_val = bottom.predict(image_batches(val_images.prepared, config.batch_size), verbose=0)
     y_train = view_labels(train_images, config.views)
@@ -232,7 +251,7 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> TrainResu
         head = keras.Model(head_input, classifier(dropout(head_input)), name="head")
         head.compile(optimizer=keras.optimizers.Adam(config.head_lr), loss="sparse_categorical_crossentropy")
     data = training_pipeline(features_train, y_train, weights, config.batch_size, config.seed)
-    best = _fit_phase("phase 1 (head)", head, data, features_val, val_images.labels, labels, config.head_epochs,
+    best = fit_with_early_stopping("phase 1 (head)", head, data, features_val, val_images.labels, labels, config.head_epochs,
                       config.patience, config.batch_size, echo, history["phase 1: head"])
     validation = {"phase1": {"macro_f1": best[0], "accuracy": best[1]}}
     wall["phase1_s"] = time.perf_counter() - t
@@ -249,7 +268,7 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> TrainResu
             top = keras.Model(top_input, classifier(dropout(x)), name="top_and_head")
             top.compile(optimizer=keras.optimizers.Adam(config.finetune_lr), loss="sparse_categorical_crossentropy")
         data = training_pipeline(cached_train, y_train, weights, config.batch_size, config.seed + 1)
-        best = _fit_phase("phase 2 (fine-tune)", top, data, cached_val, val_images.labels, labels, config.epochs,
+        best = fit_with_early_stopping("phase 2 (fine-tune)", top, data, cached_val, val_images.labels, labels, config.epochs,
                           config.patience, config.batch_size, echo, history["phase 2: fine-tune"],
                           best=(best[0], best[1], top.get_weights()))
         validation["phase2"] = {"macro_f1": best[0], "accuracy": best[1]}
@@ -261,6 +280,18 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> TrainResu
             echo(f"fine-tuned units rounded to the int8 grid: val acc {best[1]:.3f}  val macro-F1 {best[0]:.3f}")
         wall["phase2_s"] = time.perf_counter() - t
     validation["final"] = {"macro_f1": best[0], "accuracy": best[1]}
+
+    # Temperature scaling on validation, folded into the classifier: the threshold then means a probability.
+    final_val = (top if config.unfreeze else head).predict(cached_val if config.unfreeze else features_val,
+                                                            batch_size=config.batch_size, verbose=0)
+    temperature = calibrate.fit_temperature(final_val, val_images.labels) if config.calibrate else 1.0
+    calibration = {"temperature": temperature,
+                   "val_ece_before": calibrate.expected_calibration_error(final_val, val_images.labels),
+                   "val_ece_after": calibrate.expected_calibration_error(calibrate.scale(final_val, temperature), val_images.labels)}
+    if config.calibrate:
+        calibrate.fold_into_classifier(classifier, temperature)
+        echo(f"temperature {temperature:.2f} folded into the classifier: validation ECE "
+             f"{calibration['val_ece_before']:.3f} -> {calibration['val_ece_after']:.3f}")
 
     # One model, raw RGB in, softmax out: the backbone (now holding the tuned top units) + the head.
     with strategy.scope():
@@ -287,6 +318,7 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> TrainResu
         "images": len(test.paths),
         **test.scores,
         "validation": validation,
+        "calibration": calibration,
         "wall_time_s": {k: round(v, 1) for k, v in wall.items()},
         "skipped_test_images": [str(e) for e in test.skipped],
     }
@@ -361,7 +393,9 @@ def _save_augment_samples(decoded: DecodedImages, spec: PreprocessSpec, config: 
         firsts.setdefault(int(label), i)
     rows = []
     for label, i in sorted(firsts.items()):
-        views = [decoded.prepared[i]] + [augment(decoded.reduced[i], spec, view_rng(config.seed, i, v)) for v in range(1, columns)]
+        augmenter = RECIPES[config.augment]
+        views = [decoded.prepared[i]] + [augmenter(decoded.reduced[i], spec, view_rng(config.seed, decoded.rows[i].file, v))
+                                         for v in range(1, columns)]
         rows.append((f"{decoded.rows[i].label}: {Path(decoded.rows[i].file).name}", views))
     save_grid(rows, path)
 

@@ -31,9 +31,11 @@ class ManifestRow:
     source_file: str = ""
     width: int = 0
     height: int = 0
+    origin: str = "photo"  # "photo", or "crop": a catalog-guided crop of a photo (nebula.train.crops), for training only
 
 
 COLUMNS = tuple(f.name for f in fields(ManifestRow))
+OPTIONAL_COLUMNS = ("origin",)  # manifests written before the column existed are all photos
 
 
 def group_from_stem(stem: str) -> str:
@@ -55,11 +57,11 @@ def write_manifest(rows: list[ManifestRow], path: str | Path) -> None:
 def read_manifest(path: str | Path) -> list[ManifestRow]:
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        missing = set(COLUMNS) - set(reader.fieldnames or ())
+        missing = set(COLUMNS) - set(OPTIONAL_COLUMNS) - set(reader.fieldnames or ())
         if missing:
             raise ValueError(f"{path}: manifest lacks columns {sorted(missing)}")
         return [
-            ManifestRow(**{**{k: r[k] for k in COLUMNS}, "width": int(r["width"] or 0), "height": int(r["height"] or 0)})
+            ManifestRow(**{**{k: r[k] for k in COLUMNS if k in r}, "width": int(r["width"] or 0), "height": int(r["height"] or 0)})
             for r in reader
         ]
 

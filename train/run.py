@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from nebula.device.preprocess import PreprocessSpec
-from nebula.train.manifest import COLUMNS, SPLITS, ManifestRow
+from nebula.train.manifest import COLUMNS, OPTIONAL_COLUMNS, SPLITS, ManifestRow
 
 MODEL_NAME = "model.keras"
 LABELS_NAME = "labels.txt"
@@ -107,13 +107,13 @@ def read_split(path: Path) -> dict[str, list[ManifestRow]]:
     try:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
-            missing = {*COLUMNS, "split"} - set(reader.fieldnames or ())
+            missing = {*COLUMNS, "split"} - set(OPTIONAL_COLUMNS) - set(reader.fieldnames or ())
             if missing:
                 raise RunError(f"{path}: lacks columns {sorted(missing)}")
             for r in reader:
                 if r["split"] not in splits:
                     raise RunError(f"{path}: unknown split {r['split']!r} for {r['file']}")
-                row = ManifestRow(**{k: r[k] for k in COLUMNS if k not in ("width", "height")},
+                row = ManifestRow(**{k: r[k] for k in COLUMNS if k not in ("width", "height") and k in r},
                                   width=int(r["width"] or 0), height=int(r["height"] or 0))
                 splits[r["split"]].append(row)
     except FileNotFoundError:

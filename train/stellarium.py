@@ -237,6 +237,7 @@ class Labelled:
     reason: str
     designation: str
     group: str = ""
+    obj: Dso | None = None  # the catalog object the photograph is of, when the catalog has it
 
 
 @dataclass
@@ -376,7 +377,7 @@ def label_textures(textures: list[Texture], catalog: StellariumCatalog, override
             unlabelled.append(f"{texture.image} ({ident.designation}, {ident.how})")
             continue
         label, reason = found
-        labelled.append(Labelled(texture, label, f"{reason}; identified by {ident.how}", ident.designation))
+        labelled.append(Labelled(texture, label, f"{reason}; identified by {ident.how}", ident.designation, obj=ident.obj))
         # The object's own name joins images of one object under different file names (m42 vs n1976);
         # the file name without its tile number joins the tiles of one mosaic (lmc_01..16, rho-a00..a11).
         obj_key = _group_key(ident.obj.designation if ident.obj else ident.designation)
@@ -424,9 +425,16 @@ def flatten(image):
 
 
 def build(source: str | Path = DEFAULT_SOURCE, out: str | Path = "data/stellarium",
-          progress: Callable[[Iterable], Iterable] = lambda items: items) -> list[ManifestRow]:
-    """Write `out/<label>/<image>.png` and `out/manifest.csv` from Stellarium's nebulae folder."""
+          progress: Callable[[Iterable], Iterable] = lambda items: items, with_crops: bool = True) -> list[ManifestRow]:
+    """Write `out/<label>/<image>.png` and `out/manifest.csv` from Stellarium's nebulae folder.
+
+    with_crops also cuts catalog-guided crops (nebula.train.crops) into `out/<label>/crops/`,
+    writes a contact sheet per label (`out/crops_<label>.png`) and `out/crops_dropped.csv`
+    (each crop a rule dropped, with the rule).
+    """
     from PIL import Image
+
+    from nebula.train import crops as cropping
 
     source, out = Path(source), Path(out)
     for needed in ("textures.json", "catalog.dat"):
@@ -435,38 +443,108 @@ def build(source: str | Path = DEFAULT_SOURCE, out: str | Path = "data/stellariu
     textures = read_textures(source / "textures.json")
     catalog = StellariumCatalog.load(source)
     openngc = OpenNgc.from_pyongc()
+    overrides = read_overrides()
     try:
-        labelled = label_textures(textures, catalog, read_overrides(), openngc)
+        labelled = label_textures(textures, catalog, overrides, openngc)
+        missing = [t.image for t in textures if not (source / t.image).exists()]
+        if missing:
+            raise StellariumError(f"{source}: textures.json lists images that are not there: {', '.join(missing[:5])}")
+
+        out.mkdir(parents=True, exist_ok=True)
+        for label in LABELS:  # a rebuild replaces the previous images, so no stale file keeps an old label
+            shutil.rmtree(out / label, ignore_errors=True)
+            (out / label).mkdir()
+        for stale in [*out.glob("crops_*.png"), out / "crops_dropped.csv"]:
+            stale.unlink(missing_ok=True)
+        rows, crop_items, dropped = [], [], []
+        label_of = lambda obj: label_object(Identification(obj.designation, "catalog crop", obj), overrides, openngc)  # noqa: E731
+        for item in progress(labelled):
+            path = source / item.texture.image
+            relative = f"{item.label}/{Path(item.texture.image).stem}.png"
+            try:
+                with Image.open(path) as opened:
+                    opened.load()  # a broken file fails here, with its name
+                    size = opened.size
+                    picture = flatten(opened) if with_crops or _has_alpha(opened) or opened.format != "PNG" else None
+                    if _has_alpha(opened) or opened.format != "PNG":
+                        picture.save(out / relative, compress_level=3)
+                    else:  # nothing to flatten: keep the file byte for byte
+                        shutil.copyfile(path, out / relative)
+            except OSError as err:
+                raise StellariumError(f"{path}: cannot read the image ({err})") from None
+            rows.append(ManifestRow(file=relative, label=item.label, label_reason=item.reason, designation=item.designation,
+                                    group=item.group, credit=_credit_text(item.texture), source_file=str(path),
+                                    width=size[0], height=size[1]))
+            if with_crops:
+                luminance = np.asarray(picture.convert("L"), dtype=np.float32)
+                planned, rejected = cropping.plan_crops(item.texture, luminance, item.obj, item.label, catalog, label_of)
+                crop_items += [(item, picture.convert("RGB"), crop) for crop in planned]
+                dropped += [(item, d) for d in rejected]
     finally:
         openngc.close()
-    missing = [t.image for t in textures if not (source / t.image).exists()]
-    if missing:
-        raise StellariumError(f"{source}: textures.json lists images that are not there: {', '.join(missing[:5])}")
-
-    out.mkdir(parents=True, exist_ok=True)
-    for label in LABELS:  # a rebuild replaces the previous images, so no stale file keeps an old label
-        shutil.rmtree(out / label, ignore_errors=True)
-        (out / label).mkdir()
-    rows = []
-    for item in progress(labelled):
-        path = source / item.texture.image
-        relative = f"{item.label}/{Path(item.texture.image).stem}.png"
-        try:
-            with Image.open(path) as opened:
-                opened.load()  # a broken file fails here, with its name
-                size = opened.size
-                if _has_alpha(opened) or opened.format != "PNG":
-                    flatten(opened).save(out / relative, compress_level=3)
-                else:  # nothing to flatten: keep the file byte for byte
-                    shutil.copyfile(path, out / relative)
-        except OSError as err:
-            raise StellariumError(f"{path}: cannot read the image ({err})") from None
-        rows.append(ManifestRow(file=relative, label=item.label, label_reason=item.reason, designation=item.designation,
-                                group=item.group, credit=_credit_text(item.texture), source_file=str(path),
-                                width=size[0], height=size[1]))
+    if with_crops:
+        crop_rows = _write_crops(out, crop_items, labelled)
+        joined = {f"{i.label}/{i.texture.stem}.png": i.group for i in labelled}  # crops may have joined photo groups
+        for row in rows:
+            row.group = joined[row.file]
+        rows += crop_rows
+        _write_dropped(out / "crops_dropped.csv", dropped)
     rows.sort(key=lambda r: r.file)
     write_manifest(rows, out / MANIFEST_NAME)
     return rows
+
+
+def _crop_name(item: Labelled, crop) -> str:
+    slug = re.sub(r"[^a-z0-9.+-]+", "", crop.designation.lower().replace(" ", ""))
+    return f"{crop.label}/crops/{item.texture.stem}__{slug}__x{crop.framing:g}.png"
+
+
+def _write_crops(out: Path, crop_items, labelled: list[Labelled]) -> list[ManifestRow]:
+    """Save the crops, give each the group of its photo joined with its object's, and draw a contact sheet per label."""
+    from nebula.train import crops as cropping
+
+    # A crop joins its photo's group and its own object's group: no photo and no object on both sides of a split.
+    groups = _Groups()
+    for item in labelled:
+        groups.union(f"stem:{item.texture.stem}", f"group:{item.group}")
+    for item, _, crop in crop_items:
+        obj_group = next((i.group for i in labelled if i.obj is not None and i.obj.designation == crop.designation), None)
+        groups.union(f"stem:{item.texture.stem}", f"object:{_group_key(crop.designation)}")
+        if obj_group:
+            groups.union(f"object:{_group_key(crop.designation)}", f"group:{obj_group}")
+    names: dict[str, str] = {}
+    for key in sorted(groups.parent, key=lambda k: (not k.startswith("group:"), k)):
+        names.setdefault(groups.find(key), key.split(":", 1)[1])
+    for item in labelled:  # photos whose group was joined to another by a crop take the joined name
+        item.group = names[groups.find(f"stem:{item.texture.stem}")]
+
+    rows, sheets = [], {}
+    for item, picture, crop in crop_items:
+        relative = _crop_name(item, crop)
+        (out / relative).parent.mkdir(parents=True, exist_ok=True)
+        image = cropping.cut(picture, crop)
+        image.save(out / relative, compress_level=3)
+        rows.append(ManifestRow(
+            file=relative, label=crop.label,
+            label_reason=f"catalog crop: {crop.reason}; {crop.designation} is inside {item.texture.image}'s footprint "
+                         f"({crop.object_px:.0f} px across, framed x{crop.framing:g})",
+            designation=crop.designation, group=names[groups.find(f"stem:{item.texture.stem}")],
+            credit=_credit_text(item.texture), source_file=str(item.texture.image), width=image.width,
+            height=image.height, origin="crop"))
+        if crop.framing == cropping.FRAMINGS[1] or not any(
+                c.designation == crop.designation and c.framing == cropping.FRAMINGS[1] and i is item for i, _, c in crop_items):
+            sheets.setdefault(crop.label, []).append((f"{crop.designation} {item.texture.stem}", image))
+    for label, tiles in sheets.items():
+        cropping.contact_sheet(tiles, out / f"crops_{label}.png")
+    return rows
+
+
+def _write_dropped(path: Path, dropped) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["photo", "designation", "label", "rule", "detail"])
+        for item, d in dropped:
+            writer.writerow([item.texture.image, d.designation, d.label, d.rule, d.detail])
 
 
 def _credit_text(texture: Texture) -> str:
@@ -479,17 +557,18 @@ def reason_kind(reason: str) -> str:
 
 
 def count_table(rows: list[ManifestRow], small: int = SMALL_LABEL) -> str:
-    """Images and object groups per label, every label listed, with a note on the small ones."""
-    images = Counter(r.label for r in rows)
-    groups = {label: len({r.group for r in rows if r.label == label}) for label in LABELS}
-    lines = [f"{'label':18} {'images':>6} {'groups':>7}", f"{'-' * 18} {'-' * 6} {'-' * 7}"]
+    """Photographs, crops and object groups per label, every label listed, with a note on the small ones."""
+    photos = Counter(r.label for r in rows if r.origin != "crop")
+    crops = Counter(r.label for r in rows if r.origin == "crop")
+    groups = {label: len({r.group for r in rows if r.label == label}) for label in {*LABELS, *photos, *crops}}
+    lines = [f"{'label':18} {'photos':>6} {'crops':>6} {'groups':>7}", f"{'-' * 18} {'-' * 6} {'-' * 6} {'-' * 7}"]
     for label in LABELS:
-        note = "  <- small: few examples to learn from" if images[label] < small else ""
-        lines.append(f"{label:18} {images[label]:6d} {groups[label]:7d}{note}")
-    extra = sorted(set(images) - set(LABELS))
-    for label in extra:
-        lines.append(f"{label:18} {images[label]:6d} {'':7}  <- not one of the seven labels")
-    lines.append(f"{'total':18} {len(rows):6d} {len({r.group for r in rows}):7d}")
+        note = "  <- small: few examples to learn from" if photos[label] + crops[label] < small else ""
+        lines.append(f"{label:18} {photos[label]:6d} {crops[label]:6d} {groups[label]:7d}{note}")
+    for label in sorted(set(photos) | set(crops) - set(LABELS)):
+        if label not in LABELS:
+            lines.append(f"{label:18} {photos[label]:6d} {crops[label]:6d} {groups[label]:7d}  <- not one of the seven labels")
+    lines.append(f"{'total':18} {sum(photos.values()):6d} {sum(crops.values()):6d} {len({r.group for r in rows}):7d}")
     return "\n".join(lines)
 
 
@@ -588,7 +667,7 @@ def merge(out: str | Path, sources: list[str | Path], link: bool = False,
         merged.append(ManifestRow(file=relative.as_posix(), label=row.label, label_reason=row.label_reason,
                                   designation=row.designation, group=group_names[groups.find(f"row:{name}/{row.file}")],
                                   credit=row.credit, source_file=row.source_file or str(source / row.file),
-                                  width=width, height=height))
+                                  width=width, height=height, origin=row.origin))
     merged.sort(key=lambda r: r.file)
     write_manifest(merged, out / MANIFEST_NAME)
     return merged

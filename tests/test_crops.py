@@ -1,0 +1,149 @@
+"""Catalog-guided crops: sky-to-pixel geometry on a synthetic footprint, the rules, and (slow) the real set's groups."""
+
+import math
+
+import numpy as np
+import pytest
+
+from nebula.train import crops, stellarium
+from nebula.train.catalogs import Dso, StellariumCatalog
+from nebula.train.crossval import assign_folds, fold_rows, photographer
+from nebula.train.fit import TrainConfig, split_with_crops
+from nebula.train.manifest import ManifestRow
+
+SOURCE = stellarium.DEFAULT_SOURCE
+needs_stellarium = pytest.mark.skipif(not (SOURCE / "textures.json").exists(),
+                                      reason=f"{SOURCE} is absent: install stellarium-data (CI does)")
+
+
+def _footprint(ra=100.0, dec=20.0, half=0.5):
+    """A north-up, east-left 1 x 1 degree footprint in textures.json's corner order (SE, SW, NW, NE)."""
+    k = 1 / math.cos(math.radians(dec))
+    corners = [(ra + half * k, dec - half), (ra - half * k, dec - half), (ra - half * k, dec + half), (ra + half * k, dec + half)]
+    return stellarium.Texture("synthetic.png", corners, "A. Photographer")
+
+
+def _xyz(ra, dec):
+    ra, dec = math.radians(ra), math.radians(dec)
+    return np.array([math.cos(dec) * math.cos(ra), math.cos(dec) * math.sin(ra), math.sin(dec)])
+
+
+def test_sky_positions_land_where_a_north_up_east_left_photo_shows_them():
+    footprint = crops.Footprint(_footprint(), 400, 400)
+    (cx, cy), = footprint.pixels(_xyz(100.0, 20.0))
+    assert abs(cx - 200) < 1 and abs(cy - 200) < 1  # centre
+    (nx, ny), = footprint.pixels(_xyz(100.0, 20.4))
+    assert abs(nx - 200) < 2 and abs(ny - 40) < 3  # 0.4 deg north: up, 160 px at 400 px per degree
+    (ex, ey), = footprint.pixels(_xyz(100.0 + 0.3 / math.cos(math.radians(20)), 20.0))
+    assert abs(ex - 80) < 3 and abs(ey - 200) < 3  # 0.3 deg east: left
+    assert footprint.deg_per_px == pytest.approx(1 / 400, rel=0.01)
+
+
+def _catalog(*objects):
+    return StellariumCatalog(list(objects))
+
+
+def _dso(number, ra, dec, type_code, size, ids):
+    return Dso(number, ra, dec, type_code, "", size, ids)
+
+
+def _sky(size=400, dark_at=None, radius=0):
+    rng = np.random.default_rng(0)
+    lum = rng.normal(60, 5, (size, size)).astype(np.float32)
+    if dark_at:
+        yy, xx = np.mgrid[0:size, 0:size]
+        lum[np.hypot(xx - dark_at[0], yy - dark_at[1]) <= radius] = 15
+    return np.clip(lum, 0, 255)
+
+
+def _label_of(obj):
+    return (obj.type_label, f"catalog type: {obj.type_name}") if obj.type_label else None
+
+
+def test_a_catalogued_object_lands_inside_its_crop():
+    # A dark cloud 0.1 deg across (40 px), 0.2 deg north-west of centre: pixel (200 + 80, 200 - 80)... west is right.
+    ra = 100.0 - 0.2 / math.cos(math.radians(20))
+    cloud = _dso(1, ra, 20.2, 12, 0.1, ("B 999",))
+    lum = _sky(dark_at=(280, 120), radius=20)
+    planned, dropped = crops.plan_crops(_footprint(), lum, None, "other", _catalog(cloud), _label_of)
+    assert planned and not dropped
+    for crop in planned:
+        left, top, right, bottom = crop.box
+        assert left <= 280 < right and top <= 120 < bottom, crop
+        assert crop.label == "dark" and crop.designation == "B 999"
+        assert right - left == pytest.approx(40 * crop.framing, abs=2)
+
+
+def test_a_dark_cloud_that_is_not_darker_than_its_surroundings_is_dropped():
+    cloud = _dso(1, 100.0, 20.0, 12, 0.1, ("B 998",))
+    planned, dropped = crops.plan_crops(_footprint(), _sky(), None, "other", _catalog(cloud), _label_of)
+    assert not planned and [d.rule for d in dropped] == ["not-dark"]
+
+
+def test_nebula_inside_the_galaxy_a_photo_is_of_is_dropped():
+    galaxy = _dso(1, 100.0, 20.0, 0, 0.6, ("NGC 1",))
+    knot = _dso(2, 100.0, 20.05, 17, 0.12, ("NGC 2",))  # an H II region inside the galaxy's disk
+    planned, dropped = crops.plan_crops(_footprint(), _sky(), galaxy, "other", _catalog(galaxy, knot), _label_of)
+    assert not planned and [(d.designation, d.rule) for d in dropped] == [("NGC 2", "inside-other")]
+
+
+def test_small_objects_and_empty_windows_give_no_crop():
+    tiny = _dso(1, 100.0, 20.0, 17, 0.05, ("NGC 3",))  # 20 px: below MIN_OBJECT_PX
+    assert crops.plan_crops(_footprint(), _sky(), None, "other", _catalog(tiny), _label_of) == ([], [])
+    black = np.zeros((400, 400), np.float32)
+    bigger = _dso(2, 100.0, 20.0, 17, 0.15, ("NGC 4",))
+    planned, dropped = crops.plan_crops(_footprint(), black, None, "other", _catalog(bigger), _label_of)
+    assert not planned and {d.rule for d in dropped} == {"empty"}
+
+
+def _row(file, label, group, credit, origin="photo"):
+    return ManifestRow(file=file, label=label, label_reason="test", group=group, credit=credit, origin=origin)
+
+
+def test_crops_train_only_and_never_beside_their_group():
+    rows = [_row(f"{label}/p{i}.png", label, f"g{label}{i}", f"C{i % 4}") for label in ("emission", "dark", "other")
+            for i in range(12)]
+    rows += [_row(f"dark/crops/p{i}__x.png", "dark", f"gemission{i}", f"C{i % 4}", "crop") for i in range(12)]
+    splits = split_with_crops(rows, TrainConfig(data="", out=""))
+    held = {r.group for s in ("val", "test") for r in splits[s]}
+    assert all(r.origin == "photo" for s in ("val", "test") for r in splits[s])
+    in_train = [r for r in splits["train"] if r.origin == "crop"]
+    assert in_train and all(r.group not in held for r in in_train)
+    assert len(in_train) == sum(1 for r in rows if r.origin == "crop" and r.group not in held)
+    assert not [r for r in split_with_crops(rows, TrainConfig(data="", out="", crops=False))["train"] if r.origin == "crop"]
+
+
+def test_photographer_folds_hold_out_whole_photographers_and_their_objects():
+    rows = [_row(f"emission/p{i}.png", "emission", f"g{i % 7}", f"Person {i % 9} <http://x/{i}>") for i in range(60)]
+    rows += [_row(f"dark/crops/c{i}.png", "dark", f"g{i % 7}", f"Person {i % 9}", "crop") for i in range(10)]
+    assert photographer(rows[0]) == "Person 0"
+    fold_of = assign_folds([r for r in rows if r.origin == "photo"], folds=3)
+    assert sorted(set(fold_of.values())) == [0, 1, 2]
+    scored = []
+    for k in range(3):
+        train, test = fold_rows(rows, fold_of, k)
+        test_people = {photographer(rows[i]) for i in test}
+        test_groups = {rows[i].group for i in test}
+        assert all(rows[i].origin == "photo" for i in test)
+        for i in train:
+            assert photographer(rows[i]) not in test_people and rows[i].group not in test_groups
+        scored += test
+    assert sorted(scored) == [i for i, r in enumerate(rows) if r.origin == "photo"]  # every photo scored once
+
+
+@needs_stellarium
+@pytest.mark.slow
+def test_real_crops_keep_photos_and_objects_on_one_side(tmp_path):
+    rows = stellarium.build(SOURCE, tmp_path / "set")
+    crops_rows = [r for r in rows if r.origin == "crop"]
+    photos = {r.source_file.rsplit("/", 1)[-1]: r for r in rows if r.origin == "photo"}
+    assert len(crops_rows) > 100
+    assert {r.label for r in crops_rows} >= {"dark", "emission", "reflection", "planetary"}
+    for r in crops_rows:
+        assert r.group == photos[r.source_file].group  # a crop is in its photo's group
+        assert r.label_reason.startswith("catalog crop:") and r.credit == photos[r.source_file].credit
+        assert (tmp_path / "set" / r.file).exists()
+    by_object = {}
+    for r in crops_rows:  # one object cut from several photos: one group
+        assert by_object.setdefault(r.designation, r.group) == r.group, r.designation
+    assert (tmp_path / "set" / "crops_dark.png").exists() and (tmp_path / "set" / "crops_dropped.csv").exists()

@@ -1,0 +1,243 @@
+"""Leave-photographers-out cross-validation: how a recipe does on pictures by people it never learned from.
+
+    nebula crossval --data data/stellarium --out models/crossval/lite0
+
+Stellarium's photographs come from about 110 photographers and surveys (the
+`credit` column). The photographers are dealt into `folds` folds of about equal
+size; for each fold the head is trained on everyone else and scored on that
+fold's photographs. A training image is also left out when its object group is
+in the held-out fold (the same nebula by another photographer), so a score
+never rewards remembering an object. Every photograph is scored exactly once,
+by a model that saw neither its photographer nor its object: the pooled
+macro-F1 and per-label recall are the figure to choose recipes by (data, crops,
+augmentation, backbone), not the object-split test of `nebula train`.
+
+Speed: the backbone is frozen (head only, as `nebula train --unfreeze 0`), so the
+features of every view of every image are computed once and each fold trains
+in seconds. Crops (origin "crop") train only; scores are on whole photographs.
+Each fold fits a temperature on its own validation images (calibrate.py), and the
+expected calibration error is reported before and after.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from nebula.train import calibrate
+from nebula.train.evaluate import format_scores, score
+from nebula.train.manifest import ManifestRow, grouped_split, load_dataset
+
+DARK_VS_EMISSION = ("dark", "emission")
+CROSSVAL_NAME = "crossval.json"
+FEATURE_CACHE = Path.home() / ".cache" / "nebula-classifier" / "features"
+
+
+@dataclass
+class CrossvalConfig:
+    data: str
+    out: str
+    backbone: str = "efficientnet_lite0"
+    weights: str = "pretrained"
+    folds: int = 5
+    views: int = 4
+    augment: str = "sky"
+    crops: bool = True
+    seed: int = 0
+    batch_size: int = 32
+    head_lr: float = 1e-3
+    head_epochs: int = 40
+    patience: int = 4
+    dropout: float = 0.3
+    snap_weights: bool = True
+
+
+def photographer(row: ManifestRow) -> str:
+    """The credit without its link: 'Plover Hill Observatory <http://...>' -> 'Plover Hill Observatory'."""
+    return row.credit.split(" <", 1)[0].strip() or "(no credit)"
+
+
+def assign_folds(photos: list[ManifestRow], folds: int, seed: int = 0) -> dict[str, int]:
+    """photographer -> fold: the largest first, each to the fold with the fewest photographs so far."""
+    counts = Counter(photographer(r) for r in photos)
+    names = sorted(counts)
+    random.Random(seed).shuffle(names)  # ties between equal counts broken by the seed, not by the alphabet
+    names.sort(key=lambda n: -counts[n])
+    sizes = [0] * folds
+    fold_of = {}
+    for name in names:
+        k = min(range(folds), key=lambda i: (sizes[i], i))
+        fold_of[name] = k
+        sizes[k] += counts[name]
+    return fold_of
+
+
+def fold_rows(rows: list[ManifestRow], fold_of: dict[str, int], k: int) -> tuple[list[int], list[int]]:
+    """(train indices, test indices) of fold k: test = its photographers' photographs; train = the rest,
+    less anything of the same photographer or of an object group that is in the test fold."""
+    test = [i for i, r in enumerate(rows) if r.origin != "crop" and fold_of.get(photographer(r)) == k]
+    test_groups = {rows[i].group for i in test}
+    train = [i for i, r in enumerate(rows)
+             if fold_of.get(photographer(r), -1) != k and r.group not in test_groups]
+    return train, test
+
+
+def dark_vs_emission(truth: list[str], probs: np.ndarray, labels: list[str]) -> dict:
+    """The origin project's task: of the dark and emission photographs, how many are told apart (argmax of the two)."""
+    if not all(label in labels for label in DARK_VS_EMISSION):
+        return {"accuracy": None, "images": 0}
+    cols = [labels.index(label) for label in DARK_VS_EMISSION]
+    keep = [i for i, t in enumerate(truth) if t in DARK_VS_EMISSION]
+    if not keep:
+        return {"accuracy": None, "images": 0}
+    picked = [DARK_VS_EMISSION[j] for j in probs[keep][:, cols].argmax(1)]
+    return {"accuracy": float(np.mean([p == truth[i] for p, i in zip(picked, keep)])), "images": len(keep)}
+
+
+def crossval(config: CrossvalConfig, echo: Callable[[str], None] = print) -> dict:
+    """Run the cross-validation and write crossval.json (+ confusion PNG) into config.out; returns the record."""
+    import keras
+
+    from nebula.train import backbones, report, run as runfiles
+    from nebula.train.dataset import class_weights, training_pipeline
+    from nebula.train.fit import fit_with_early_stopping, make_deterministic, ordered_labels
+
+    t_start = time.perf_counter()
+    data_dir, out = Path(config.data).resolve(), Path(config.out)
+    rows = [r for r in load_dataset(data_dir) if config.crops or r.origin != "crop"]
+    labels = ordered_labels(rows)
+    make_deterministic(config.seed)
+    backbone_info = backbones.get(config.backbone)
+    spec = backbone_info.preprocess if hasattr(backbone_info, "preprocess") else None
+    if spec is None:
+        from nebula.device.preprocess import PreprocessSpec
+
+        spec = PreprocessSpec(input_size=backbone_info.input_size, resize_mode="fit")
+    photos = [r for r in rows if r.origin != "crop"]
+    fold_of = assign_folds(photos, config.folds, config.seed)
+    echo(f"{len(photos)} photographs by {len(fold_of)} photographers in {config.folds} folds, "
+         f"{len(rows) - len(photos)} crops (train only); backbone {config.backbone}, augment {config.augment}")
+
+    rows, views = _view_features(rows, data_dir, spec, labels, config, echo)
+    index = {label: i for i, label in enumerate(labels)}
+    truth_index = np.array([index[r.label] for r in rows], dtype=np.int32)
+
+    oof = np.full((len(rows), len(labels)), np.nan, np.float32)
+    oof_calibrated = oof.copy()
+    per_fold = []
+    for k in range(config.folds):
+        train_idx, test_idx = fold_rows(rows, fold_of, k)
+        train_rows = [rows[i] for i in train_idx]
+        inner = grouped_split([r for r in train_rows if r.origin != "crop"], val=0.15, test=0.0, seed=config.seed + k)
+        val_groups = {r.group for r in inner["val"]}
+        val_idx = [i for i in train_idx if rows[i].origin != "crop" and rows[i].group in val_groups]
+        fit_idx = [i for i in train_idx if rows[i].group not in val_groups]
+        x = views[fit_idx].reshape(len(fit_idx) * config.views, -1)
+        y = np.repeat(truth_index[fit_idx], config.views)
+        weights = class_weights(y, len(labels))[y]
+        head_input = keras.Input((x.shape[1],))
+        head = keras.Model(head_input, keras.layers.Dense(len(labels), activation="softmax")(
+            keras.layers.Dropout(config.dropout)(head_input)))
+        head.compile(optimizer=keras.optimizers.Adam(config.head_lr), loss="sparse_categorical_crossentropy")
+        fit_with_early_stopping(f"fold {k + 1}/{config.folds}", head, training_pipeline(x, y, weights, config.batch_size, config.seed + k),
+                                views[val_idx, 0], truth_index[val_idx], labels, config.head_epochs, config.patience,
+                                config.batch_size, lambda line: None, [])
+        val_probs = head.predict(views[val_idx, 0], batch_size=config.batch_size, verbose=0)
+        temperature = calibrate.fit_temperature(val_probs, truth_index[val_idx])
+        probs = head.predict(views[test_idx, 0], batch_size=config.batch_size, verbose=0)
+        oof[test_idx] = probs
+        oof_calibrated[test_idx] = calibrate.scale(probs, temperature)
+        fold_truth = [labels[i] for i in truth_index[test_idx]]
+        fold_score = score(fold_truth, [labels[i] for i in probs.argmax(1)], labels)
+        per_fold.append({"fold": k + 1, "photographers": sorted(n for n, f in fold_of.items() if f == k),
+                         "test_images": len(test_idx), "train_images": len(fit_idx), "val_images": len(val_idx),
+                         "temperature": temperature, "macro_f1": fold_score["macro_f1"], "accuracy": fold_score["accuracy"]})
+        echo(f"fold {k + 1}/{config.folds}: {len(test_idx)} test photos, train {len(fit_idx)} (+{len(val_idx)} val), "
+             f"macro-F1 {fold_score['macro_f1']:.3f}, accuracy {fold_score['accuracy']:.3f}, T {temperature:.2f}")
+
+    scored = [i for i, r in enumerate(rows) if r.origin != "crop" and not np.isnan(oof[i]).any()]
+    truth = [labels[truth_index[i]] for i in scored]
+    probs, probs_cal = oof[scored], oof_calibrated[scored]
+    scores = score(truth, [labels[i] for i in probs.argmax(1)], labels)
+    y = truth_index[scored]
+    record = {
+        "config": asdict(config),
+        "labels": labels,
+        "photographs": len(scored),
+        "photographers": len(fold_of),
+        "crops_used": sum(r.origin == "crop" for r in rows),
+        **scores,
+        "dark_vs_emission": dark_vs_emission(truth, probs, labels),
+        "calibration": {"ece_before": calibrate.expected_calibration_error(probs, y),
+                        "ece_after": calibrate.expected_calibration_error(probs_cal, y),
+                        "nll_before": calibrate.nll(probs, y), "nll_after": calibrate.nll(probs_cal, y)},
+        "folds": per_fold,
+        "wall_time_s": round(time.perf_counter() - t_start, 1),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    runfiles.write_json(out / CROSSVAL_NAME, record)
+    report.confusion_png(scores, out / "crossval_confusion.png", title=f"Leave-photographers-out ({config.folds} folds)")
+    return record
+
+
+def _view_features(rows, data_dir: Path, spec, labels, config: CrossvalConfig, echo):
+    """(readable rows, (N, views, D) pooled features): computed once per image and recipe, then read from a cache.
+
+    The cache (~/.cache/nebula-classifier/features/) is keyed by everything that changes a feature -- backbone,
+    weights, int8 rounding, preprocessing, augmentation recipe, seed, views -- and each image by its path, size and
+    modification time, so comparing recipes pays only for what differs.
+    """
+    from nebula.train import augment as augmentation, backbones, int8_grid
+    from nebula.train.dataset import augmented_views, decode_rows
+    from nebula.train.fit import _predict_with_progress
+
+    recipe = json.dumps([config.backbone, config.weights, config.snap_weights, spec.to_dict(), config.augment,
+                         config.seed, config.views], sort_keys=True)
+    cache_path = FEATURE_CACHE / f"{hashlib.sha1(recipe.encode()).hexdigest()[:16]}.npz"
+    cached = dict(np.load(cache_path)) if cache_path.exists() else {}
+
+    def image_key(row) -> str:
+        stat = (data_dir / row.file).stat()
+        return hashlib.sha1(f"{row.file}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+
+    keys = [image_key(r) for r in rows]
+    missing = [r for r, k in zip(rows, keys) if k not in cached]
+    if missing:
+        echo(f"computing features of {len(missing)} images x {config.views} views ({len(rows) - len(missing)} cached)")
+        decoded = decode_rows(missing, data_dir, spec, labels, keep_reduced=True, progress="decode", warn=echo)
+        backbone = backbones.create(config.backbone, config.weights)
+        if config.snap_weights:
+            int8_grid.snap(backbone)
+        backbone.trainable = False
+        features = _predict_with_progress(
+            backbone, augmented_views(decoded, spec, config.views, config.seed, config.batch_size,
+                                      augmentation.RECIPES[config.augment]),
+            len(decoded) * config.views, config.batch_size, "views").reshape(len(decoded), config.views, -1)
+        fresh = {image_key(r): f for r, f in zip(decoded.rows, features)}
+        cached.update(fresh)
+        FEATURE_CACHE.mkdir(parents=True, exist_ok=True)
+        np.savez(cache_path, **cached)
+        unreadable = {r.file for r in missing} - {r.file for r in decoded.rows}
+        keep = [i for i, r in enumerate(rows) if r.file not in unreadable]
+        rows, keys = [rows[i] for i in keep], [keys[i] for i in keep]
+    return rows, np.stack([cached[k] for k in keys])
+
+
+def summary(record: dict) -> str:
+    c = record["calibration"]
+    dve = record["dark_vs_emission"]
+    dve_text = f"{dve['accuracy']:.3f} on {dve['images']} photos" if dve["accuracy"] is not None else "n/a"
+    return (f"Leave-photographers-out: {record['photographs']} photographs by {record['photographers']} photographers, "
+            f"{record['config']['folds']} folds, {record['crops_used']} crops in training\n"
+            f"{format_scores(record)}\n"
+            f"dark-vs-emission accuracy {dve_text}\n"
+            f"expected calibration error {c['ece_before']:.3f} -> {c['ece_after']:.3f} with a temperature per fold; "
+            f"wall time {record['wall_time_s']:.0f} s")
