@@ -4,7 +4,7 @@ Each command's module is imported only when that command runs (or when
 ``nebula --help`` lists them), so ``nebula classify`` on a Raspberry Pi loads
 nothing from nebula.train or nebula.convert. Device commands (classify, bench,
 run, serve) import no TensorFlow; workstation commands (data, backbone, train,
-evaluate, convert) import it inside the command.
+crossval, evaluate, convert) import it inside the command.
 """
 
 import importlib

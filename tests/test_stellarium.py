@@ -162,7 +162,7 @@ def test_cli_merge_prints_the_table(tmp_path):
     _write_user_folder(tmp_path / "mine")
     result = CliRunner().invoke(cli, ["data", "merge", str(tmp_path / "all"), str(tmp_path / "mine")])
     assert result.exit_code == 0, result.output
-    assert "emission                3       2" in result.output
+    assert "emission                3      0       2" in result.output  # photos, crops, groups
     assert "Note: dark, emission, reflection, planetary, protoplanetary, supernova_remnant, other have fewer than 20" in result.output
 
 

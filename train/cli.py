@@ -195,6 +195,9 @@ _TRAIN_HELP = {
     "dropout": "Dropout before the softmax layer.",
     "snap_weights": "Round the backbone's kernels onto the int8 grid the converter uses before training, so the float model "
                     "and the int8 model share their weights (keeps them agreeing; see README).",
+    "crops": "Train on the dataset's catalog-guided crops too (val and test stay whole photographs).",
+    "augment": "Augmentation recipe (see 'nebula crossval --help').",
+    "calibrate": "Fit a temperature on validation and fold it into the classifier, so scores read as probabilities.",
     "patience": "Epochs without a better validation macro-F1 before a phase stops.",
     "val": "Share of images (by object group) for validation.",
     "test": "Share of images (by object group) for the test split.",
