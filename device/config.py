@@ -31,6 +31,14 @@ The file (every key optional)::
     enabled = true
     host = "127.0.0.1"          # "0.0.0.0" opens the page to the LAN
     port = 8080
+
+    [review]                    # uncertain items are copied to a review folder, to be labelled on the page
+    enabled = true
+    dir = "/var/lib/nebula-classifier/review"   # default: review/ beside the results log
+    below = 0.6                 # queue when the top score is below this ...
+    gap = 0.15                  # ... or the top two are closer than this, or the catalog disagrees
+    max_mb = 200.0              # the queue's size limit: the oldest unlabelled items are dropped first
+    every_s = 30.0              # live sources: at most one frame queued this often
 """
 
 from __future__ import annotations
@@ -100,6 +108,12 @@ class RunConfig:
     web: bool = False
     host: str = "127.0.0.1"
     port: int = 8080
+    review: bool = True
+    review_dir: str | None = None  # None: review/ beside the log (nebula.device.review.review_folder)
+    review_below: float = 0.6
+    review_gap: float = 0.15
+    review_max_mb: float = 200.0
+    review_every_s: float = 30.0
 
     def validate(self) -> "RunConfig":
         if self.source not in SOURCES:
@@ -118,6 +132,8 @@ class RunConfig:
             (0 <= self.port <= 65535, "port must be between 0 and 65535"),
             (self.preview_width > 0 and self.preview_height > 0, "preview size must be positive"),
             (self.num_threads is None or self.num_threads >= 1, "num_threads must be at least 1"),
+            (0 <= self.review_below <= 1 and 0 <= self.review_gap <= 1, "review below and gap must be between 0 and 1"),
+            (self.review_max_mb > 0 and self.review_every_s >= 0, "review max_mb must be positive, every_s 0 or more"),
         ]
         for ok, message in checks:
             if not ok:
@@ -136,11 +152,14 @@ _TOML_KEYS = {
     "camera.exposure_us": "exposure_us", "camera.gain": "gain",
     "camera.preview_width": "preview_width", "camera.preview_height": "preview_height",
     "web.enabled": "web", "web.host": "host", "web.port": "port",
+    "review.enabled": "review", "review.dir": "review_dir", "review.below": "review_below", "review.gap": "review_gap",
+    "review.max_mb": "review_max_mb", "review.every_s": "review_every_s",
 }
 _TYPES = {
     "source": str, "watch_dir": str, "poll_s": float, "model": str, "num_threads": int, "threshold": float,
     "top_k": int, "smooth": int, "max_fps": float, "max_frames": int, "log": str, "sidecar": bool,
     "exposure_us": int, "gain": float, "preview_width": int, "preview_height": int, "web": bool, "host": str, "port": int,
+    "review": bool, "review_dir": str, "review_below": float, "review_gap": float, "review_max_mb": float, "review_every_s": float,
 }
 assert set(_TYPES) == {f.name for f in fields(RunConfig)}
 
@@ -205,7 +224,7 @@ def resolve(flags: dict, config_path: str | Path | None = None, env=os.environ) 
     if flags.get("watch_dir") and flags.get("source") is None:
         values["source"] = "watch"
     config = RunConfig(**values)
-    for name in ("log", "watch_dir", "model"):
+    for name in ("log", "watch_dir", "model", "review_dir"):
         if getattr(config, name):
             setattr(config, name, str(Path(getattr(config, name)).expanduser()))
     return config.validate(), files

@@ -230,12 +230,18 @@ def run(
     lock = threading.Lock()
     server = None
     callbacks = [on_result] if on_result else []
+    review = None
+    if config.review:  # uncertain items are copied for labelling on the page (nebula.device.review)
+        from nebula.device.review import ReviewQueue
+
+        review = ReviewQueue.from_config(config, echo=announce)
+        callbacks.append(review.consider)
     if config.web:
         from nebula.device.web import LiveState, start_server
 
         state = LiveState()
         server = start_server(classifier, config.host, config.port, state=state, lock=lock,
-                              threshold=config.threshold, top_k=config.top_k)
+                              threshold=config.threshold, top_k=config.top_k, review=review)
         callbacks.append(state.update)
         announce(f"web page: {server.url}")
 

@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from nebula.device import formats
+from nebula.device import formats, review_page
 from nebula.device.config import RunConfig
 
 MAX_UPLOAD = 25 * 1024 * 1024
@@ -52,6 +52,7 @@ _STATIC = {
     "/": ("templates/index.html", "text/html; charset=utf-8"),
     "/static/app.js": ("static/app.js", "text/javascript; charset=utf-8"),
     "/static/style.css": ("static/style.css", "text/css; charset=utf-8"),
+    **review_page.STATIC,
 }
 _SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; form-action 'self'",
@@ -172,11 +173,13 @@ class WebApp:
     """What the request handler needs: the model (behind a lock), the live state, the limits."""
 
     def __init__(self, classifier, state: LiveState | None = None, lock: threading.Lock | None = None,
-                 max_upload: int = MAX_UPLOAD, threshold: float = RunConfig.threshold, top_k: int = RunConfig.top_k):
+                 max_upload: int = MAX_UPLOAD, threshold: float = RunConfig.threshold, top_k: int = RunConfig.top_k,
+                 review=None):
         self.classifier = classifier
         self.state = state or LiveState()
         self.lock = lock or threading.Lock()
         self.max_upload, self.threshold, self.top_k = max_upload, threshold, top_k
+        self.review = review  # a nebula.device.review.ReviewQueue, or None: the review view says it is off
 
     def model_info(self) -> dict:
         return {"labels": self.classifier.labels, "sha256": self.classifier.sha256, "name": Path(self.classifier.path).name}
@@ -247,10 +250,14 @@ class _Handler(BaseHTTPRequestHandler):
             if data is None:
                 return self._json(HTTPStatus.NOT_FOUND, {"error": "no frame yet"})
             return self._send(HTTPStatus.OK, data, "image/jpeg")
+        if path.startswith(review_page.PREFIXES):
+            return self._send(*review_page.get(self.app.review, self.app.classifier.labels, path))
         return self._json(HTTPStatus.NOT_FOUND, {"error": f"no such page: {path}"})
 
     def do_POST(self):  # noqa: N802
         path = urlsplit(self.path).path
+        if path.startswith("/api/review/"):
+            return self._send(*review_page.post(self.app.review, self.app.classifier.labels, path, self.headers, self.rfile))
         if path != "/api/classify":
             return self._json(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint: {path}"})
         try:
