@@ -201,6 +201,10 @@ _TRAIN_HELP = {
     "patience": "Epochs without a better validation macro-F1 before a phase stops.",
     "val": "Share of images (by object group) for validation.",
     "test": "Share of images (by object group) for the test split.",
+    "init_from": "Run folder to start from (its backbone and head weights; same labels): fine-tune it on new data, "
+                 "such as your labelled frames merged with the Stellarium set.",
+    "strategy": "tf.distribute strategy: auto (all GPUs when there are several), mirrored (every GPU, else every CPU "
+                "device), multiworker (several machines, each with its TF_CONFIG; see README).",
     "crops": "Train on the dataset's catalog-guided crops too (val and test stay whole photographs).",
     "augment": "Augmentation recipe (see 'nebula crossval --help').",
     "calibrate": "Fit a temperature on validation and fold it into the classifier, so scores read as probabilities.",
@@ -214,7 +218,13 @@ def _augment_recipes() -> list[str]:
 
 
 # Fields whose values are a closed set, read only when the options are made.
-_TRAIN_CHOICES = {"augment": _augment_recipes}
+def _strategies() -> list[str]:
+    from nebula.train.fit import STRATEGIES
+
+    return list(STRATEGIES)
+
+
+_TRAIN_CHOICES = {"augment": _augment_recipes, "strategy": _strategies}
 _NOT_OPTIONS = {"data", "out", "weights"}  # data, out: the required paths below; weights: for library callers (tests: None)
 
 
@@ -257,11 +267,14 @@ def train(data, out, **options):
     for augmented views (with the backbone's weights rounded onto the int8 grid),
     trains the head, then fine-tunes the top --unfreeze units,
     stopping early on validation macro-F1. Scores the test split once at the end.
-    Uses every GPU of the machine (tf.distribute.MirroredStrategy) when there are several.
+    Uses every GPU of the machine (tf.distribute.MirroredStrategy) when there are several
+    (--strategy). --init-from RUN starts from a trained run's weights: a quick fine-tune on
+    your own labelled frames merged with the Stellarium set.
 
     \b
-    Example:
+    Examples:
       nebula train --data data/stellarium --out models/runs/main --unfreeze 2 --seed 0
+      nebula train --data data/all --out models/runs/mine --init-from models/runs/main --head-epochs 10 --epochs 4
     """
     require_workstation("train")
     from nebula.train.fit import TrainConfig as Config, TrainingError, summary, train as run_training

@@ -18,8 +18,9 @@ Each phase stops early on validation macro-F1 and keeps its best epoch; phase 2
 starts from phase 1's best, so it can only replace it by beating it on validation.
 The test split is scored once, at the end, with the device's preprocessing.
 
-Models are built inside a tf.distribute strategy: MirroredStrategy when several
-GPUs are visible (one process then uses them all), else the default strategy.
+Models are built inside a tf.distribute strategy (`--strategy`, see distribution_strategy):
+by default MirroredStrategy when several GPUs are visible (one process then uses them all),
+else the default strategy. `--init-from RUN` starts every weight from a trained run.
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ class TrainConfig:
     patience: int = 4  # epochs without a better validation macro-F1 before a phase stops
     val: float = 0.15
     test: float = 0.15
+    init_from: str | None = None  # a run folder whose backbone and head weights this run starts from (same labels)
+    strategy: str = "auto"  # auto | mirrored | multiworker: see distribution_strategy
 
 
 class TrainingError(Exception):
@@ -109,12 +112,51 @@ def ordered_labels(rows) -> list[str]:
     return [label for label in LABELS if label in present] + sorted(present - set(LABELS))
 
 
-def distribution_strategy():
-    """MirroredStrategy over all visible GPUs when there are several, else the default strategy."""
+STRATEGIES = ("auto", "mirrored", "multiworker")
+
+
+def distribution_strategy(kind: str = "auto"):
+    """The tf.distribute strategy that `nebula train --strategy` names.
+
+    auto: MirroredStrategy over all visible GPUs when there are several, else the default strategy.
+    mirrored: MirroredStrategy over every GPU, or over every logical CPU device when there is no GPU.
+    multiworker: MultiWorkerMirroredStrategy; each machine runs the same command with its own
+    TF_CONFIG (README, "Learn from your own sky"), and without TF_CONFIG it is one worker.
+    """
     import tensorflow as tf
 
+    if kind not in STRATEGIES:
+        raise TrainingError(f"--strategy {kind}: must be one of {', '.join(STRATEGIES)}")
     gpus = tf.config.list_logical_devices("GPU")
+    if kind == "multiworker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if kind == "mirrored":
+        return tf.distribute.MirroredStrategy([d.name for d in gpus or tf.config.list_logical_devices("CPU")])
     return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
+
+
+def init_from_run(run_dir: str | Path, backbone, classifier, labels: list[str], backbone_name: str) -> None:
+    """Start from a trained run (`--init-from RUN`): copy its backbone (tuned units included) and its head.
+
+    The head's outputs are the labels, so the run's labels must be this dataset's, in order.
+    """
+    import keras
+
+    from nebula.train.run import RunError, load_run
+
+    try:
+        run = load_run(run_dir)
+    except RunError as err:
+        raise TrainingError(f"--init-from {run_dir}: {err}") from None
+    if run.labels != labels:
+        raise TrainingError(f"--init-from {run_dir}: its labels ({', '.join(run.labels)}) are not this dataset's "
+                            f"({', '.join(labels)}); fine-tuning keeps the head's outputs, so train without --init-from")
+    if run.config.get("backbone", backbone_name) != backbone_name:
+        raise TrainingError(f"--init-from {run_dir}: it was trained on backbone {run.config['backbone']}, not {backbone_name}")
+    saved = keras.saving.load_model(run.model_path, compile=False)
+    backbone.set_weights(saved.get_layer(backbone.name).get_weights())
+    classifier.build((None, backbone.output_shape[-1]))
+    classifier.set_weights(saved.get_layer("classifier").get_weights())
 
 
 def make_deterministic(seed: int) -> None:
@@ -206,7 +248,7 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> TrainResu
         raise TrainingError(f"{data_dir}: no readable images in the train or val split")
     _save_augment_samples(train_images, spec, config, out / runfiles.AUGMENT_PNG)
 
-    strategy = distribution_strategy()
+    strategy = distribution_strategy(config.strategy)
     echo(f"strategy {type(strategy).__name__} over {strategy.num_replicas_in_sync} replica(s); "
          f"backbone {config.backbone} {spec.input_size}px, unfreeze {config.unfreeze}, {config.views} views/image")
     history: dict[str, list[dict]] = {"phase 1: head": [], "phase 2: fine-tune": []}
@@ -229,6 +271,9 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> TrainResu
             top_frozen = _chain(backbone.layers[cut:], keras.Input(tuple(bottom.outputs[0].shape[1:])), "top")
         dropout = keras.layers.Dropout(config.dropout, name="head_dropout")
         classifier = keras.layers.Dense(len(labels), activation="softmax", name="classifier")
+        if config.init_from:
+            init_from_run(config.init_from, backbone, classifier, labels, config.backbone)
+            echo(f"starting from {config.init_from}: its backbone and head weights")
 
     # Cache the frozen bottom's output for every training view and validation image.
     t = time.perf_counter()

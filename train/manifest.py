@@ -67,24 +67,65 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
 
 
 def manifest_from_folder(root: str | Path) -> list[ManifestRow]:
-    """Rows for a folder with one sub-folder per label (a user's own photos), in any format of `nebula.device.formats`."""
+    """Rows for a folder with one sub-folder per label (a user's own photos), in any format of `nebula.device.formats`.
+
+    An image labelled on the device's review page has a reason file beside it (`nebula.device.review`);
+    its row says who labelled it, and groups it as `labelled_row` says.
+    """
+    from nebula.device.review import read_reason
+
     root = Path(root)
     rows = []
     for label_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for image in sorted(label_dir.rglob("*")):
             if image.is_file() and formats.is_image_name(image.name):
                 stem = formats.stem(image.name)  # 'M42.fits.gz' -> 'M42'
-                rows.append(
-                    ManifestRow(
-                        file=image.relative_to(root).as_posix(),
-                        label=label_dir.name,
-                        label_reason=f"folder '{label_dir.name}'",
-                        designation=stem,
-                        group=group_from_stem(stem),
-                        source_file=str(image),
-                    )
+                row = ManifestRow(
+                    file=image.relative_to(root).as_posix(),
+                    label=label_dir.name,
+                    label_reason=f"folder '{label_dir.name}'",
+                    designation=stem,
+                    group=group_from_stem(stem),
+                    source_file=str(image),
                 )
+                reason = read_reason(image)
+                rows.append(labelled_row(row, reason) if reason is not None else row)
     return rows
+
+
+def labelled_row(row: ManifestRow, reason: dict) -> ManifestRow:
+    """A review-page image's row: the person who labelled it is its photographer (their own captures), and one
+    target is one group -- the capture's target (Ekos/KStars folder), else its file name's object, else one group
+    per photographer and night when nothing names the target."""
+    who = reason.get("labelled_by") or "unknown"
+    model = reason.get("model") or {}
+    said = f"{model.get('label')} {model['score']:.2f}" if isinstance(model.get("score"), (int, float)) else "no answer"
+    target = reason.get("target") or object_in_name(formats.stem(Path(str(reason.get("source") or "")).name)) or ""
+    night = (reason.get("captured_utc") or reason.get("labelled_utc") or "")[:10]
+    return ManifestRow(
+        file=row.file, label=row.label,
+        label_reason=f"labelled by {who} on the review page {reason.get('labelled_utc', '')} (model said {said})",
+        designation=target,  # nebula data merge joins a designation with the catalog's object group (M42 with M 42)
+        group=_object_group(target) if target else f"{who}/{night}",
+        credit=who, source_file=row.source_file,
+    )
+
+
+def object_in_name(stem: str) -> str | None:
+    """The object a capture's file name names, as capture programs write them: 'M42_Light_001' -> 'M42',
+    'Light_NGC_7000_300s' -> 'NGC 7000'; None when no word (or pair of words) is a designation."""
+    words = [w for w in re.split(r"[\s_\-.]+", stem) if w]
+    for i, word in enumerate(words):
+        for candidate in (word, " ".join(words[i:i + 2])):
+            if _object_group(candidate, strict=True):
+                return candidate
+    return None
+
+
+def _object_group(name: str, strict: bool = False) -> str | None:
+    from nebula.train.stellarium import designation_group  # stellarium imports this module
+
+    return designation_group(name) or (None if strict else group_from_stem(name))
 
 
 def load_dataset(root: str | Path) -> list[ManifestRow]:

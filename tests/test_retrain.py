@@ -1,0 +1,204 @@
+"""Retraining from the review page's labels: merge takes the labelled folder with its reason files,
+`nebula train --init-from RUN` starts from a run, and training under MirroredStrategy matches one device."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import sky_image, write_sky_folder
+from nebula.cli import cli
+from nebula.device.review import REASON_SUFFIX
+from nebula.train.manifest import labelled_row, manifest_from_folder, object_in_name
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _labelled(root: Path, label: str, name: str, seed: int, **reason) -> Path:
+    folder = root / label
+    folder.mkdir(parents=True, exist_ok=True)
+    image = folder / name
+    Image.fromarray(sky_image(label, seed=seed)).save(image)
+    record = {"label": label, "labelled_by": "ann", "labelled_utc": "2026-12-02T03:04:05.000Z",
+              "model": {"label": "other", "score": 0.41}, **reason}
+    image.with_name(image.name + REASON_SUFFIX).write_text(json.dumps(record))
+    return image
+
+
+def test_object_in_a_capture_name():
+    assert object_in_name("M42_Light_001") == "M42"
+    assert object_in_name("Light_NGC_7000_300s_0003") == "NGC 7000"
+    assert object_in_name("IMG_0001") is None and object_in_name("3fa2b9c0d1e2f3a4") is None
+
+
+def test_labelled_frames_group_by_target_and_credit_the_user(tmp_path):
+    root = tmp_path / "labelled"
+    _labelled(root, "emission", "a1.png", 1, target="M42", captured_utc="2026-12-01T22:00:00Z")
+    _labelled(root, "emission", "a2.png", 2, source="/home/pi/Ekos/M42_Light_002.fits", captured_utc="2026-12-01T22:05:00Z")
+    _labelled(root, "reflection", "b1.png", 3, source="frame 12", captured_utc="2026-12-01T23:00:00Z")
+    _labelled(root, "reflection", "b2.png", 4, source="frame 40", captured_utc="2026-12-01T23:30:00Z")
+    _labelled(root, "other", "c1.png", 5, source="frame 7", captured_utc="2026-12-02T21:00:00Z")
+    rows = {Path(r.file).name: r for r in manifest_from_folder(root)}
+    assert sorted(rows) == ["a1.png", "a2.png", "b1.png", "b2.png", "c1.png"]  # reason files are not images
+    assert {r.credit for r in rows.values()} == {"ann"}
+    assert rows["a1.png"].group == rows["a2.png"].group == "m42"  # one target, one group
+    assert rows["b1.png"].group == rows["b2.png"].group == "ann/2026-12-01"  # unknown target: one night, one group
+    assert rows["c1.png"].group == "ann/2026-12-02"
+    assert rows["a1.png"].label_reason.startswith("labelled by ann on the review page") and "other 0.41" in rows["a1.png"].label_reason
+
+
+def test_merge_joins_the_users_m42_with_another_sources_m42(tmp_path):
+    mine = tmp_path / "labelled"
+    _labelled(mine, "emission", "f1.png", 1, target="M42")
+    _labelled(mine, "emission", "f2.png", 2, target="M 42")
+    _labelled(mine, "reflection", "f3.png", 3, source="frame 3", captured_utc="2026-12-01T23:00:00Z")
+    theirs = tmp_path / "theirs"
+    (theirs / "emission").mkdir(parents=True)
+    Image.fromarray(sky_image("emission", seed=9)).save(theirs / "emission" / "M42-1.png")
+    result = CliRunner().invoke(cli, ["data", "merge", str(tmp_path / "all"), str(theirs), str(mine)])
+    assert result.exit_code == 0, result.output
+    rows = list(json.loads(json.dumps(r)) for r in _csv(tmp_path / "all" / "manifest.csv"))
+    assert len(rows) == 4 and not any(r["file"].endswith(".json") for r in rows)
+    groups = {Path(r["file"]).name: r["group"] for r in rows}
+    assert groups["f1.png"] == groups["f2.png"] == groups["M42-1.png"]
+    assert {Path(r["file"]).name: r["credit"] for r in rows}["f3.png"] == "ann"
+
+
+def _csv(path):
+    import csv
+
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+# --- nebula train --init-from -----------------------------------------------------------------
+
+TINY = ["--backbone", "tiny", "--unfreeze", "0", "--views", "2", "--head-epochs", "8", "--head-lr", "0.01", "--no-calibrate",
+        "--dropout", "0"]
+
+
+@pytest.fixture(scope="module")
+def sky(tmp_path_factory):
+    return write_sky_folder(tmp_path_factory.mktemp("sky"), per_label=10)
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, sky):
+    out = tmp_path_factory.mktemp("runs") / "first"
+    result = CliRunner().invoke(cli, ["train", "--data", str(sky), "--out", str(out), *TINY,
+                                      "--head-epochs", "40", "--head-lr", "0.05", "--patience", "40"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _val_probs(run_dir, sky):
+    import keras
+
+    from nebula.train.evaluate import predict_keras
+    from nebula.train.run import load_run
+
+    run = load_run(run_dir)
+    model = keras.saving.load_model(run.model_path, compile=False)
+    return predict_keras(model, sorted(sky.rglob("*.png"))[:12], run.spec, batch_size=4)
+
+
+def test_init_from_starts_where_the_run_ended(first_run, sky, tmp_path):
+    """With a learning rate too small to move anything, a fine-tune from a run answers as that run does;
+    the same from scratch does not (so the weights really came from the run)."""
+    still = ["--head-epochs", "1", "--head-lr", "1e-12"]
+    for name, extra in (("tuned", ["--init-from", str(first_run)]), ("scratch", [])):
+        result = CliRunner().invoke(cli, ["train", "--data", str(sky), "--out", str(tmp_path / name), *TINY, *still, *extra])
+        assert result.exit_code == 0, result.output
+    before, tuned, scratch = (_val_probs(p, sky) for p in (first_run, tmp_path / "tuned", tmp_path / "scratch"))
+    assert np.abs(tuned - before).max() < 1e-4
+    assert np.abs(scratch - before).max() > 1e-2  # 100x the tolerance above (measured here: 0.048)
+    assert json.loads((tmp_path / "tuned" / "config.json").read_text())["init_from"] == str(first_run)
+
+
+def test_init_from_with_other_labels_is_one_clear_error(first_run, tmp_path):
+    two = write_sky_folder(tmp_path / "two", per_label=6, labels=["emission", "other"])
+    result = CliRunner().invoke(cli, ["train", "--data", str(two), "--out", str(tmp_path / "x"), *TINY, "--init-from", str(first_run)])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == (
+        f"Error: --init-from {first_run}: its labels (emission, reflection, other) are not this dataset's (emission, other); "
+        "fine-tuning keeps the head's outputs, so train without --init-from")
+
+
+# --- scale-out: MirroredStrategy over two logical CPU devices ---------------------------------
+
+# In a subprocess: logical devices can only be set before TensorFlow initialises, and must not leak into other tests.
+_MIRRORED = textwrap.dedent("""
+    import json
+    import numpy as np
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras
+    from nebula.train.dataset import class_weights
+    from nebula.train.fit import distribution_strategy
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(100, 16)).astype("float32")  # 100: the last batch of each epoch is a ragged 4
+    y = rng.integers(0, 3, 100)
+    w = class_weights(y, 3)[y].astype("float32")  # training's sample weights
+    init, out = None, {}
+    for kind in ("auto", "mirrored"):
+        strategy = distribution_strategy(kind)
+        with strategy.scope():
+            model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(8, activation="relu"),
+                                      keras.layers.Dense(3, activation="softmax")])
+            init = init or [v.copy() for v in model.get_weights()]
+            model.set_weights(init)
+            model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
+        # The same batches in the same order for both (see README: tf.data's seeded shuffle is not).
+        model.fit(tf.data.Dataset.from_tensor_slices((x, y, w)).batch(32), epochs=3, verbose=0, shuffle=False)
+        out[kind] = {"replicas": strategy.num_replicas_in_sync, "strategy": type(strategy).__name__,
+                     "weights": [v.tolist() for v in model.get_weights()]}
+    print("RESULT " + json.dumps({"init": [v.tolist() for v in init], **out}))
+""")
+
+
+def test_mirrored_strategy_on_two_cpu_devices_matches_one_device():
+    """12 Adam steps (3 epochs of 4 batches, sample-weighted, one ragged batch) under 1 and 2 replicas.
+
+    Tolerance 1e-5 on every weight: the runs do the same arithmetic except that the two replicas'
+    half-batch gradients are summed by the all-reduce, a different float32 rounding order (measured:
+    3e-8, a few ulps). A real fault -- one replica's gradient lost or counted twice, the loss scaled
+    by the replica count -- changes each step by a share of the learning rate (1e-2), far above 1e-5;
+    and the weights move by more than 0.05, so matching is not the trivial "nothing trained".
+    """
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run([sys.executable, "-c", _MIRRORED], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads(result.stdout.split("RESULT ", 1)[1])
+    one, two = record["auto"], record["mirrored"]
+    assert (one["replicas"], two["strategy"], two["replicas"]) == (1, "MirroredStrategy", 2)
+    init, w1, w2 = ([np.array(v) for v in weights] for weights in (record["init"], one["weights"], two["weights"]))
+    assert max(np.abs(a - b).max() for a, b in zip(w1, w2)) < 1e-5
+    assert min(np.abs(a - b).max() for a, b in zip(w1, init)) > 0.05
+
+
+@pytest.mark.slow
+def test_nebula_train_runs_under_mirrored_on_two_cpu_devices(sky, tmp_path):
+    """The whole of `nebula train --strategy mirrored` on two logical CPU devices: two replicas, a usable run."""
+    script = textwrap.dedent(f"""
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        from nebula.cli import cli
+        cli(["train", "--data", {str(sky)!r}, "--out", {str(tmp_path / 'run')!r}, *{TINY!r}, "--strategy", "mirrored"])
+    """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["strategy"], config["replicas"]) == ("MirroredStrategy", 2)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["validation"]["final"]["macro_f1"] >= 0.8  # red, blue and white skies are easy
