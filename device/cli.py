@@ -235,7 +235,8 @@ def serve(host, port, model, threshold, top_k, num_threads, config_file):
     """Serve the local web page: upload a photo, see the top candidates with confidence bars.
 
     Uploads up to 25 MB of {formats} (checked by content). For the
-    live view of the telescope, use 'nebula run --web' instead. Stops on Ctrl-C or SIGTERM.
+    live view of the telescope, use 'nebula run --web' instead. /review labels the
+    uncertain frames 'nebula run' queued (the [review] settings). Stops on Ctrl-C or SIGTERM.
 
     \b
     Example:
@@ -246,8 +247,11 @@ def serve(host, port, model, threshold, top_k, num_threads, config_file):
     flags = {"host": host, "port": port, "model": model, "threshold": threshold, "top_k": top_k, "num_threads": num_threads}
     config, _ = _run_config(flags, config_file)
     classifier = _classifier(config.model, config.num_threads)
+    from nebula.device.review import ReviewQueue, review_folder  # the review view labels what nebula run queued
+
+    review = ReviewQueue.from_config(config) if config.review and review_folder(config).is_dir() else None
     try:
         web.serve(classifier, config.host, config.port, announce=lambda line: click.echo(line, err=True),
-                  threshold=config.threshold, top_k=config.top_k)
+                  threshold=config.threshold, top_k=config.top_k, review=review)
     except web.WebServerError as err:
         raise click.ClickException(str(err)) from None
