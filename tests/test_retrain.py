@@ -204,3 +204,58 @@ def test_nebula_train_runs_under_mirrored_on_two_cpu_devices(sky, tmp_path):
     assert len(history) >= 2 and history[-1]["loss"] < history[0]["loss"]  # it trained
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["images"] > 0 and 0 <= metrics["accuracy"] <= 1  # and scored its test split
+
+
+# --- the whole loop --------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_the_loop_queue_label_merge_fine_tune_convert(first_run, sky, tmp_path):
+    """Captures in a watch folder -> the review queue -> labelled on the page's API -> nebula data merge ->
+    nebula train --init-from -> nebula convert, whose float/int8 gate passes without --force."""
+    import urllib.request
+
+    from nebula.device.config import RunConfig
+    from nebula.device.daemon import run
+    from nebula.device.review import ReviewQueue
+    from nebula.device.runtime import Classifier
+    from nebula.device.web import start_server
+
+    model = tmp_path / "first.tflite"
+    result = CliRunner().invoke(cli, ["convert", str(first_run), "--out", str(model), "--representative", "20"])
+    assert result.exit_code == 0, result.output
+    truth = {}
+    for i, label in enumerate(["emission", "reflection", "other"] * 4):
+        folder = tmp_path / "Ekos" / f"NGC {7000 + i % 6}" / "Light"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"Light_{i:03d}.png"
+        Image.fromarray(sky_image(label, seed=500 + i)).save(path)
+        truth[str(path)] = label
+    config = RunConfig(source="watch", watch_dir=str(tmp_path / "Ekos"), poll_s=0.05, max_frames=len(truth), model=str(model),
+                       log=str(tmp_path / "state" / "results.jsonl"), review_below=1.0)
+    run(config, announce=lambda line: None)
+    queue = ReviewQueue.from_config(config)
+    items = queue.items()
+    assert len(items) == len(truth)
+    server = start_server(Classifier(model, num_threads=1), "127.0.0.1", 0, review=queue)
+    try:
+        for item in items:
+            label = truth[item.record["result"]["file"]]
+            request = urllib.request.Request(server.url + f"api/review/{item.id}", method="POST",
+                                             data=json.dumps({"action": "label", "label": label, "by": "ann"}).encode(),
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=30) as response:
+                assert json.loads(response.read())["filed"].startswith(f"labelled/{label}/")
+    finally:
+        server.stop()
+    merged = tmp_path / "all"
+    result = CliRunner().invoke(cli, ["data", "merge", str(merged), str(sky), str(queue.root / "labelled")])
+    assert result.exit_code == 0, result.output
+    rows = _csv(merged / "manifest.csv")
+    mine = [r for r in rows if r["credit"] == "ann"]
+    assert len(mine) == len(truth) and len({r["group"] for r in mine}) == 6  # six targets, six groups
+    tuned = tmp_path / "runs" / "mine"
+    result = CliRunner().invoke(cli, ["train", "--data", str(merged), "--out", str(tuned), *TINY, "--init-from", str(first_run)])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(cli, ["convert", str(tuned), "--out", str(tmp_path / "mine.tflite"), "--representative", "20"])
+    assert result.exit_code == 0, result.output  # the gate passed: no --force
+    assert Classifier(tmp_path / "mine.tflite").labels == Classifier(model).labels
