@@ -141,28 +141,34 @@ class ReviewQueue:
         with self._lock:
             if item_id in self._seen:
                 return None
-            suffix = (formats.image_suffix(frame.path.name) or frame.path.suffix).lower() if not live else ".png"
-            image = self.queue_dir / f"{item_id}{suffix}"
             try:
-                if live:
-                    _write_png(image, picture)
-                else:
-                    tmp = image.with_name(_TMP_PREFIX + image.name)
-                    shutil.copyfile(frame.path, tmp)
-                    os.replace(tmp, image)
-                write_atomic(self.queue_dir / f"{item_id}.json", _json_bytes({
-                    "id": item_id, "queued_utc": utc_now(), "reason": reason, "image": image.name,
-                    "result": record, "skipped": False}))
-            except OSError as err:
-                self.echo(f"review: cannot queue {record.get('file', record.get('frame'))} ({err.strerror or err}); the run goes on")
-                for leftover in (image, image.with_name(_TMP_PREFIX + image.name)):
-                    leftover.unlink(missing_ok=True)
+                self._copy_in(item_id, frame, picture, {"id": item_id, "queued_utc": utc_now(), "reason": reason,
+                                                        "result": record, "skipped": False})
+                self._remember(item_id)
+                self._bound()
+            except (OSError, ValueError) as err:  # a full disk, an odd frame: the run goes on, and says so
+                self.echo(f"review: cannot queue {_source_name(record)} ({getattr(err, 'strerror', None) or err}); the run goes on")
                 return None
-            self._remember(item_id)
             if live:
                 self._last_live = time.monotonic()
-            self._bound()
         return item_id
+
+    def _copy_in(self, item_id: str, frame, picture, queued: dict) -> None:
+        """The image (a capture's bytes, or a PNG of `picture`), then its record; on failure, neither."""
+        suffix = ".png" if picture is not None else (formats.image_suffix(frame.path.name) or frame.path.suffix).lower()
+        image = self.queue_dir / f"{item_id}{suffix}"
+        try:
+            if picture is not None:
+                _write_png(image, picture)
+            else:
+                tmp = image.with_name(_TMP_PREFIX + image.name)
+                shutil.copyfile(frame.path, tmp)
+                os.replace(tmp, image)
+            write_atomic(self._record_path(item_id), _json_bytes({**queued, "image": image.name}))
+        except BaseException:
+            for leftover in (image, image.with_name(_TMP_PREFIX + image.name)):
+                leftover.unlink(missing_ok=True)
+            raise
 
     def _bound(self) -> None:
         """Drop the oldest skipped, then the oldest unlabelled items until the queue fits its size limit."""

@@ -102,6 +102,24 @@ def test_the_queue_is_bounded_dropping_the_oldest_unlabelled_and_says_so(tmp_pat
     assert any(f"dropped the oldest skipped item {kept[-1]}" in line for line in lines)
 
 
+def test_a_full_disk_is_one_line_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    from nebula.device import review
+
+    lines = []
+    queue = _queue(tmp_path, lines=lines)
+
+    def no_space(path, data):
+        path.with_name(review._TMP_PREFIX + path.name).write_bytes(data[:10])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(review, "write_atomic", no_space)
+    assert queue.consider(_record([["emission", 0.4], ["other", 0.35]]), _frame()) is None
+    assert lines == ["review: cannot queue frame 1 (No space left on device); the run goes on"]
+    assert list(queue.queue_dir.iterdir()) == []
+    monkeypatch.undo()
+    assert queue.consider(_record([["emission", 0.4], ["other", 0.35]]), _frame()) is not None  # not remembered as queued
+
+
 def test_filing_writes_the_merge_layout_with_a_reason_file(tmp_path):
     queue = _queue(tmp_path)
     record = _record([["emission", 0.45], ["reflection", 0.4], ["other", 0.15]], target="M42", model_sha256="ab" * 32,

@@ -25,6 +25,7 @@ function card(item) {
   const img = document.createElement("img");
   img.src = item.image;
   img.alt = "queued frame " + item.source;
+  img.loading = "lazy";  // a long queue loads its pictures as they scroll into view
   const about = document.createElement("div");
   const title = document.createElement("p");
   title.textContent = item.source + (item.skipped ? " (skipped before)" : "");
