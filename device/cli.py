@@ -181,6 +181,9 @@ def port_option(what: str = "Web page port"):
 @click.option("--poll", "poll_s", type=click.FloatRange(min=0, min_open=True),
               help=f"Watch: seconds between looks at the folder [default: {RunConfig.poll_s:g}].")
 @click.option("--max-frames", type=click.IntRange(1), help="Stop after this many items [default: run until stopped].")
+@click.option("--review/--no-review", default=None,
+              help="Copy uncertain items to the review folder, to label on the page's /review [default: yes].")
+@click.option("--review-dir", type=click.Path(file_okay=False), help="The review folder [default: review/ beside the log].")
 @num_threads_option
 @config_option()
 @formats.in_help

@@ -195,11 +195,15 @@ def classifier(tiny_model_file):
     return Classifier(tiny_model_file, num_threads=1)
 
 
+SCENES = ["emission", "reflection", "other", "emission", "other"]
+
+
 @pytest.fixture
 def review_server(classifier, tmp_path):
     queue = _queue(tmp_path)
-    ids = [queue.consider(_record([[label, 0.4], ["other", 0.35], ["reflection", 0.25]]), _frame(i, label))
-           for i, label in enumerate(["emission", "reflection", "other", "emission"])]
+    catalog = {1: {"catalog": {"main": {"label": "emission"}}, "agrees": False}}  # where the record knows the position
+    ids = [queue.consider(_record([[label, 0.4], ["other", 0.35], ["reflection", 0.25]], **catalog.get(i, {})), _frame(i, label))
+           for i, label in enumerate(SCENES)]
     server = start_server(classifier, "127.0.0.1", 0, state=LiveState(), review=queue)
     yield server, queue, ids
     server.stop()
@@ -241,11 +245,13 @@ def test_browser_labels_three_images_and_they_are_on_disk(browser, review_server
     server, queue, ids = review_server
     browser.call("Page.enable")
     browser.call("Page.navigate", url=server.url + "review")
-    browser.wait_for("document.querySelectorAll('#review-items li').length === 4")
-    assert browser.evaluate("document.getElementById('review-status').textContent") == "4 to review"
+    browser.wait_for("document.querySelectorAll('#review-items li').length === 5")
+    assert browser.evaluate("document.getElementById('review-status').textContent") == "5 to review"
     shown = json.loads(browser.evaluate("JSON.stringify([...document.querySelectorAll('#review-items li')].map(li => "
                                         "[li.dataset.id, li.querySelector('.top3').textContent, li.querySelector('img').naturalWidth]))"))
     assert [s[0] for s in shown] == ids and shown[0][1] == "model: emission 40.0 %, other 35.0 %, reflection 25.0 %"
+    assert browser.evaluate("[...document.querySelectorAll('#review-items .catalog')].map(p => p.textContent).join('|')") == \
+        "catalog: emission (disagrees with the model)"
     browser.wait_for("[...document.querySelectorAll('#review-items img')].every(i => i.complete && i.naturalWidth === 64)")
     browser.evaluate("document.getElementById('labeller').value = 'ann'")
 
@@ -255,10 +261,12 @@ def test_browser_labels_three_images_and_they_are_on_disk(browser, review_server
 
     # One click files the first item; keys file the next ones (2 = reflection, n = not deep-sky, s = skip).
     browser.evaluate("document.querySelector('#review-items li.current .actions button').click()")
-    browser.wait_for("document.getElementById('review-status').textContent === '3 to review'")
+    browser.wait_for("document.getElementById('review-status').textContent === '4 to review'")
     press("2")
-    browser.wait_for("document.getElementById('review-status').textContent === '2 to review'")
+    browser.wait_for("document.getElementById('review-status').textContent === '3 to review'")
     press("3")
+    browser.wait_for("document.getElementById('review-status').textContent === '2 to review'")
+    press("n")
     browser.wait_for("document.getElementById('review-status').textContent === '1 to review'")
     press("s")
     browser.wait_for("document.getElementById('review-status').textContent === 'nothing to review'")
@@ -267,11 +275,14 @@ def test_browser_labels_three_images_and_they_are_on_disk(browser, review_server
     root = queue.root
     for item_id, label in zip(ids[:3], ["emission", "reflection", "other"]):
         image = root / "labelled" / label / f"{item_id}.png"
-        assert np.array_equal(np.asarray(Image.open(image)), sky_image(["emission", "reflection", "other"][ids.index(item_id)],
-                                                                       seed=ids.index(item_id)))
+        assert np.array_equal(np.asarray(Image.open(image)), sky_image(SCENES[ids.index(item_id)], seed=ids.index(item_id)))
         reason = read_reason(image)
         assert reason["label"] == label and reason["labelled_by"] == "ann" and reason["model"]["score"] == 0.4
-    assert [item.id for item in queue.items()] == [ids[3]] and queue.items()[0].record["skipped"] is True
+    assert read_reason(root / "labelled" / "reflection" / f"{ids[1]}.png")["catalog"] == "emission"
+    rejected = root / "not_deep_sky" / f"{ids[3]}.png"
+    assert rejected.is_file() and read_reason(rejected)["label"] is None and read_reason(rejected)["labelled_by"] == "ann"
+    assert sorted(p.name for p in (root / "labelled").rglob("*.png")) == sorted(f"{i}.png" for i in ids[:3])
+    assert [item.id for item in queue.items()] == [ids[4]] and queue.items()[0].record["skipped"] is True
     # After a reload the skipped one is still there, marked.
     browser.call("Page.reload")
     browser.wait_for("document.querySelectorAll('#review-items li.skipped').length === 1")
@@ -343,3 +354,20 @@ def test_a_crash_while_filing_leaves_the_old_or_the_new_state(tmp_path, crash_at
         assert reopened.get(item_id).image.read_bytes() == before and [i.id for i in reopened.items()] == [item_id]
     # Which state each crash point gives: the image moves with the second rename.
     assert (files == new) == (finished or crash_at > 2)
+
+
+def test_nebula_run_queues_with_the_review_settings_of_its_config_file(tiny_model_file, tmp_path):
+    from click.testing import CliRunner
+
+    from nebula.cli import cli
+
+    config = tmp_path / "config.toml"
+    config.write_text("[review]\nbelow = 1.0\nevery_s = 0.0\nmax_mb = 5\n")
+    common = ["run", "--source", "fake", "--max-frames", "8", "--max-fps", "0", "--model", str(tiny_model_file),
+              "--log", str(tmp_path / "results.jsonl"), "--config", str(config)]
+    result = CliRunner().invoke(cli, [*common, "--review-dir", str(tmp_path / "mine")])
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "mine" / "queue").glob("*.png"))) == 4  # 8 frames of one scene: its 4 distinct pictures
+    result = CliRunner().invoke(cli, [*common, "--no-review"])
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "review").exists()
