@@ -259,3 +259,97 @@ def test_the_loop_queue_label_merge_fine_tune_convert(first_run, sky, tmp_path):
     result = CliRunner().invoke(cli, ["convert", str(tuned), "--out", str(tmp_path / "mine.tflite"), "--representative", "20"])
     assert result.exit_code == 0, result.output  # the gate passed: no --force
     assert Classifier(tmp_path / "mine.tflite").labels == Classifier(model).labels
+
+
+# --- scale-out across machines: MultiWorkerMirroredStrategy --------------------------------------
+
+# One worker of a cluster (TF_CONFIG from the environment), or one device with "auto": the same
+# 9 steps from the same initial weights, so the results compare.
+_WORKER = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    from nebula.train.fit import distribution_strategy
+    strategy = distribution_strategy(sys.argv[1])  # first: before any TensorFlow op
+    import keras
+    import tensorflow as tf
+    from nebula.train.dataset import class_weights
+
+    rng, init_rng = np.random.default_rng(0), np.random.default_rng(1)
+    x = rng.normal(size=(96, 16)).astype("float32")
+    y = rng.integers(0, 3, 96)
+    w = class_weights(y, 3)[y].astype("float32")
+    init = [init_rng.normal(0, 0.3, (16, 8)).astype("float32"), np.zeros(8, "float32"),
+            init_rng.normal(0, 0.3, (8, 3)).astype("float32"), np.zeros(3, "float32")]
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(8, activation="relu"),
+                                  keras.layers.Dense(3, activation="softmax")])
+        model.set_weights(init)
+        model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
+    model.fit(tf.data.Dataset.from_tensor_slices((x, y, w)).batch(32), epochs=3, verbose=0, shuffle=False)
+    print("RESULT " + json.dumps({"replicas": strategy.num_replicas_in_sync, "weights": [v.tolist() for v in model.get_weights()]}))
+""")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(kind: str, tf_config: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env.pop("TF_CONFIG", None)
+    if tf_config is not None:
+        env["TF_CONFIG"] = json.dumps(tf_config)
+    return subprocess.Popen([sys.executable, "-c", _WORKER, kind], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _weights(process: subprocess.Popen) -> tuple[int, list]:
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-2000:]
+    record = json.loads(out.split("RESULT ", 1)[1])
+    return record["replicas"], [np.array(v) for v in record["weights"]]
+
+
+@pytest.mark.slow
+def test_nebula_train_runs_under_multiworker_as_one_worker(sky, tmp_path):
+    """Without TF_CONFIG, --strategy multiworker is a cluster of one: the whole run works (and the strategy
+    is made before any TensorFlow op, as MultiWorkerMirroredStrategy requires)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env.pop("TF_CONFIG", None)
+    result = subprocess.run([sys.executable, "-m", "nebula", "train", "--data", str(sky), "--out", str(tmp_path / "run"), *TINY,
+                             "--strategy", "multiworker"], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["strategy"], config["replicas"]) == ("CollectiveAllReduceStrategy", 1)  # MultiWorkerMirroredStrategy's class
+
+
+@pytest.mark.slow
+def test_two_workers_on_localhost_match_one_device():
+    """Two workers of one cluster on 127.0.0.1 train what one device trains, to the same 1e-5.
+
+    With Keras 3.15 / TensorFlow 2.21, Keras's fit fails under MultiWorkerMirroredStrategy with two
+    workers ("PerReplica ... to a Tensor": keras-team/keras#20585, open). That one failure is reported
+    as an expected failure; any other fails the test, and a Keras that fixes it makes this a plain check.
+    """
+    ports = [_free_port(), _free_port()]
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    workers = [_worker("multiworker", {"cluster": cluster, "task": {"type": "worker", "index": i}}) for i in range(2)]
+    one = _worker("auto")
+    try:
+        _, reference = _weights(one)
+        for worker in workers:
+            out, err = worker.communicate(timeout=300)
+            if worker.returncode != 0 and "tensorflow.python.distribute.values.PerReplica'>) to a Tensor" in err:
+                pytest.xfail("Keras 3's fit under MultiWorkerMirroredStrategy with two workers: keras-team/keras#20585")
+            assert worker.returncode == 0, err[-2000:]
+            record = json.loads(out.split("RESULT ", 1)[1])
+            assert record["replicas"] == 2
+            weights = [np.array(v) for v in record["weights"]]
+            assert max(np.abs(a - b).max() for a, b in zip(reference, weights)) < 1e-5  # as for two replicas on one machine
+    finally:
+        for process in (*workers, one):
+            if process.poll() is None:
+                process.kill()

@@ -127,9 +127,9 @@ def distribution_strategy(kind: str = "auto"):
 
     if kind not in STRATEGIES:
         raise TrainingError(f"--strategy {kind}: must be one of {', '.join(STRATEGIES)}")
-    gpus = tf.config.list_logical_devices("GPU")
-    if kind == "multiworker":
+    if kind == "multiworker":  # before anything starts TensorFlow's runtime: its collective ops are set up at start
         return tf.distribute.MultiWorkerMirroredStrategy()
+    gpus = tf.config.list_logical_devices("GPU")
     if kind == "mirrored":
         return tf.distribute.MirroredStrategy([d.name for d in gpus or tf.config.list_logical_devices("CPU")])
     return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
@@ -226,6 +226,7 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> TrainResu
     labels = ordered_labels(rows)
     if len(labels) < 2:
         raise TrainingError(f"{data_dir}: only one label ({labels[0]}); a classifier needs two or more")
+    strategy = distribution_strategy(config.strategy)  # first: multiworker must start before any TensorFlow op
     make_deterministic(config.seed)
     splits = split_with_crops(rows, config)
     for split in ("train", "val"):
@@ -248,7 +249,6 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> TrainResu
         raise TrainingError(f"{data_dir}: no readable images in the train or val split")
     _save_augment_samples(train_images, spec, config, out / runfiles.AUGMENT_PNG)
 
-    strategy = distribution_strategy(config.strategy)
     echo(f"strategy {type(strategy).__name__} over {strategy.num_replicas_in_sync} replica(s); "
          f"backbone {config.backbone} {spec.input_size}px, unfreeze {config.unfreeze}, {config.views} views/image")
     history: dict[str, list[dict]] = {"phase 1: head": [], "phase 2: fine-tune": []}
