@@ -282,12 +282,15 @@ def _mobilenet_v2_classifier(spec: PreprocessSpec, weights: str | None = "pretra
 
 
 # The EfficientNet-Lite ladder: (width, depth, input size) as in the EfficientNet-Lite release.
-register(_efficientnet_lite(efficientnet_lite.Rung("efficientnet_lite0", width=1.0, depth=1.0, weights_file="efficientnet-lite0-57934424.pth"),
-                            input_size=224, macs=383_907_552))
-register(_efficientnet_lite(efficientnet_lite.Rung("efficientnet_lite1", width=1.0, depth=1.1, weights_file="efficientnet-lite1-77cc7160.pth"),
-                            input_size=240, macs=598_905_232))
-register(_efficientnet_lite(efficientnet_lite.Rung("efficientnet_lite2", width=1.1, depth=1.2, weights_file="efficientnet-lite2-9656183e.pth"),
-                            input_size=260, macs=858_456_272))
+register(_efficientnet_lite(
+    efficientnet_lite.Rung("efficientnet_lite0", width=1.0, depth=1.0, weights_file="efficientnet-lite0-57934424.pth"),
+    input_size=224, macs=383_907_552))
+register(_efficientnet_lite(
+    efficientnet_lite.Rung("efficientnet_lite1", width=1.0, depth=1.1, weights_file="efficientnet-lite1-77cc7160.pth"),
+    input_size=240, macs=598_905_232))
+register(_efficientnet_lite(
+    efficientnet_lite.Rung("efficientnet_lite2", width=1.1, depth=1.2, weights_file="efficientnet-lite2-9656183e.pth"),
+    input_size=260, macs=858_456_272))
 
 register(
     Backbone(
