@@ -121,7 +121,7 @@ def backbone():
 
 @backbone.command("list")
 def backbone_list():
-    """List the registered backbones with input size, MACs and where their weights come from.
+    """List the registered backbones: input size, preprocessing, MACs and where their weights come from.
 
     \b
     Example:
@@ -130,7 +130,9 @@ def backbone_list():
     from nebula.train import backbones
 
     for b in backbones.REGISTRY.values():
-        click.echo(f"{b.name:22} {b.input_size:4}px  {b.macs / 1e6:8.1f} MMAC  {b.default_weights}")
+        p = b.preprocess
+        scaling = f"(x - {p.mean:g}) / {p.std:g}"
+        click.echo(f"{b.name:20} {p.input_size:4}px  {p.resize_mode:5} {scaling:19} {b.macs / 1e6:6.1f} MMAC  {b.default_weights}")
 
 
 @backbone.command("check")
@@ -140,14 +142,15 @@ def backbone_check(backbone_name):
     """Check a backbone's ImageNet weights on two photographs: a cat and an espresso.
 
     Runs the full 1000-class ImageNet model on scikit-image's chelsea (a cat) and
-    coffee (an espresso) photographs, prepared by the device's preprocessing, and
+    coffee (an espresso) photographs, prepared by the device's preprocessing at the
+    backbone's own input size (centre crop, as ImageNet is evaluated), and
     prints the top-5 classes with probabilities. Then the same with the kernels
     rounded onto the int8 grid, as 'nebula train' uses them. Exits 0 only when, both
     times, chelsea's top-1 is a cat (281-285) and coffee's is espresso or cup (967, 968).
 
     \b
     Example:
-      nebula backbone check --backbone efficientnet_lite0
+      nebula backbone check --backbone efficientnet_lite1
     """
     require_workstation("backbone check")
     require("skimage", "backbone check")
@@ -160,14 +163,14 @@ def backbone_check(backbone_name):
     if info.imagenet_classifier is None:
         raise click.ClickException(f"backbone {backbone_name} has no ImageNet classifier to check")
     try:
-        classifier = info.imagenet_classifier("pretrained")
+        classifier = info.create_imagenet_classifier("pretrained")
     except backbones.BackboneUnavailable as err:
         raise click.ClickException(str(err)) from None
     names = imagenet.class_names()
-    results = imagenet.check(classifier, info.input_size)
+    results = imagenet.check(classifier, info.preprocess)
     click.echo(imagenet.format_results(results, names))
     snapped = int8_grid.snap(classifier)
-    on_grid = imagenet.check(classifier, info.input_size)
+    on_grid = imagenet.check(classifier, info.preprocess)
     click.echo(f"With its {snapped} kernels rounded onto the int8 grid (as nebula train uses them):")
     click.echo(imagenet.format_results(on_grid, names))
     if names is None:

@@ -189,7 +189,7 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> TrainResu
     for split in ("train", "val"):
         if not splits[split]:
             raise TrainingError(f"{data_dir}: the {split} split is empty ({len(rows)} images are too few to split by group)")
-    spec = PreprocessSpec(input_size=backbone_info.input_size, resize_mode="fit")
+    spec = backbone_info.preprocess
     out.mkdir(parents=True, exist_ok=True)
     runfiles.write_split(out / runfiles.SPLIT_NAME, splits)
     runfiles.write_image_list(out / runfiles.TEST_IMAGES_NAME, [Path(data_dir) / r.file for r in splits["test"]])
