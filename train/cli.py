@@ -200,12 +200,14 @@ _TRAIN_HELP = {
                     "and the int8 model share their weights (keeps them agreeing; see README).",
     "crops": "Train on the dataset's catalog-guided crops too (val and test stay whole photographs).",
     "augment": "Augmentation recipe (see 'nebula crossval --help').",
+    "class_balance": "Power of the inverse-frequency class weights: 0 none, 1 fully balanced.",
     "calibrate": "Fit a temperature on validation and fold it into the classifier, so scores read as probabilities.",
     "patience": "Epochs without a better validation macro-F1 before a phase stops.",
     "val": "Share of images (by object group) for validation.",
     "test": "Share of images (by object group) for the test split.",
     "crops": "Train on the dataset's catalog-guided crops too (val and test stay whole photographs).",
     "augment": "Augmentation recipe (see 'nebula crossval --help').",
+    "class_balance": "Power of the inverse-frequency class weights: 0 none, 1 fully balanced.",
     "calibrate": "Fit a temperature on validation and fold it into the classifier, so scores read as probabilities.",
 }
 
@@ -336,8 +338,12 @@ def evaluate(model, data_dir, json_out, png_dir, batch_size):
               help="sky: rotations, flips, crops, exposure, mild white balance, noise. shifted: also other people's "
                    "processing (white balance, saturation, gradients, vignetting, blur, JPEG, bicolour narrowband).")
 @click.option("--crops/--no-crops", default=True, show_default=True, help="Train on the dataset's catalog-guided crops too.")
+@click.option("--class-balance", default=0.5, show_default=True,
+              help="Power of the inverse-frequency class weights: 0 none, 1 fully balanced.")
+@click.option("--repeats", default=1, show_default=True,
+              help="Repeat with other fold deals and head seeds (cheap: features are cached) and report the spread.")
 @click.option("--seed", default=0, show_default=True)
-def crossval(data, out, backbone_name, folds, views, augment_recipe, crops, seed):
+def crossval(data, out, backbone_name, folds, views, augment_recipe, crops, class_balance, repeats, seed):
     """Leave-photographers-out cross-validation: the figure to choose recipes by.
 
     Deals the dataset's photographers (manifest.csv's credit) into folds; each
@@ -358,6 +364,6 @@ def crossval(data, out, backbone_name, folds, views, augment_recipe, crops, seed
     if augment_recipe not in _augment_recipes():
         raise click.BadParameter(f"{augment_recipe!r} is not one of {', '.join(_augment_recipes())}", param_hint="--augment")
     config = CrossvalConfig(data=data, out=out, backbone=backbone_name, folds=folds, views=views, augment=augment_recipe,
-                            crops=crops, seed=seed)
+                            crops=crops, class_balance=class_balance, repeats=repeats, seed=seed)
     record = run_crossval(config, echo=lambda line: click.echo(line, err=True))
     click.echo(summary(record))
