@@ -107,7 +107,8 @@ def _png(path, label="emission", seed=0):
 
 def _run_watch_until(classifier, root, log, expected_lines, timeout=20, **kw):
     """Run the daemon on a watched folder in a thread until the log has `expected_lines`, then stop it."""
-    source = WatchFolder(root, poll_s=0.02, done=processed_files(log))
+    # The files are written whole before the daemon starts: short waits for stability and for cut-short files.
+    source = WatchFolder(root, poll_s=0.02, done=processed_files(log), settle_s=0.05, truncated_grace_s=0.2)
     daemon = _daemon(classifier, source, log, **kw)
     thread = threading.Thread(target=daemon.run)
     thread.start()
