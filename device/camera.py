@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from nebula.device.config import RunConfig
 from nebula.device.formats import is_image_name
 from nebula.device.preprocess import PreprocessSpec
 
@@ -467,7 +468,7 @@ class WatchFolder(FrameSource):
     """
 
     def __init__(self, root: str | Path, poll_s: float = 1.0, done: Iterable[FileKey] = (), check_open_files: bool = True,
-                 settle_s: float = 2.0, truncated_grace_s: float = 30.0):
+                 settle_s: float = RunConfig.settle_s, truncated_grace_s: float = RunConfig.truncated_grace_s):
         super().__init__()
         self.root = Path(root).expanduser().absolute()
         self.poll_s, self.settle_s, self.truncated_grace_s = poll_s, settle_s, truncated_grace_s

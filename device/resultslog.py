@@ -26,16 +26,14 @@ import os
 import threading
 from pathlib import Path
 
-DEFAULT_MAX_BYTES = 10 * 2**20
-DEFAULT_KEEP = 5
-DEFAULT_FSYNC_S = 1.0
+from nebula.device.config import RunConfig
 
 
 class ResultsLog:
     """Append JSON records as lines; see the module docstring for durability and rotation."""
 
-    def __init__(self, path: str | Path, fsync_s: float = DEFAULT_FSYNC_S, max_bytes: int = DEFAULT_MAX_BYTES,
-                 keep: int = DEFAULT_KEEP):
+    def __init__(self, path: str | Path, fsync_s: float = RunConfig.log_fsync_s,
+                 max_bytes: int = int(RunConfig.log_max_mb * 2**20), keep: int = RunConfig.log_keep):
         if fsync_s < 0 or max_bytes < 0 or keep < 1:
             raise ValueError("fsync_s and max_bytes must be 0 or more, keep at least 1")
         self.path = Path(path)

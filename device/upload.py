@@ -98,20 +98,20 @@ def _multipart_file(body: Body, content_type: str, out, field: str) -> str:
         raise UploadError(HTTPStatus.BAD_REQUEST, "multipart upload without a boundary")
     delimiter = b"\r\n--" + boundary.encode("latin-1")
     stream = _Stream(body, b"\r\n")  # the body's first delimiter has no line end before it
-    stream.copy_until(delimiter, None)  # the preamble
-    found = None
-    while True:
-        if stream.peek(2) == b"--":  # the closing delimiter
-            break
+    found, ended = None, not stream.copy_until(delimiter, None)  # the preamble
+    while not ended and stream.peek(2) != b"--":  # "--" after a delimiter: the closing one
         name, filename = _part_names(stream.read_until(b"\r\n\r\n", _MAX_PART_HEADERS))
         take = name == field or (found is None and filename is not None)
         if take:
             out.seek(0)
             out.truncate()
+        ended = not stream.copy_until(delimiter, out if take else None)
+        if take and ended:
+            raise UploadError(HTTPStatus.BAD_REQUEST, "malformed multipart upload (the file part has no closing boundary)")
+        if take:
             found = filename or "upload"
-        stream.copy_until(delimiter, out if take else None)
-        if take and name == field:
-            break
+            if name == field:
+                break
     if found is None:
         raise UploadError(HTTPStatus.BAD_REQUEST, f"no file in the upload: send it in the '{field}' field")
     return found
@@ -133,22 +133,22 @@ class _Stream:
             pass
         return self.buffer[:size]
 
-    def copy_until(self, delimiter: bytes, sink) -> None:
-        """Pass everything before `delimiter` to `sink` (None: drop it) and consume the delimiter."""
+    def copy_until(self, delimiter: bytes, sink) -> bool:
+        """Pass everything before `delimiter` to `sink` (None: drop it) and consume it; False: the body ended first."""
         while True:
             at = self.buffer.find(delimiter)
             if at >= 0:
                 if sink is not None:
                     sink.write(self.buffer[:at])
                 self.buffer = self.buffer[at + len(delimiter):]
-                return
+                return True
             keep = len(delimiter) - 1  # a delimiter may straddle two chunks
             if len(self.buffer) > keep:
                 if sink is not None:
                     sink.write(self.buffer[:-keep])
                 self.buffer = self.buffer[-keep:]
             if not self._more():
-                raise UploadError(HTTPStatus.BAD_REQUEST, "malformed multipart upload (a part without its closing boundary)")
+                return False
 
     def read_until(self, end: bytes, limit: int) -> bytes:
         """The bytes before `end` (consumed), at most `limit` of them."""

@@ -93,7 +93,8 @@ def test_a_stalled_body_is_408(tmp_path):
 @pytest.mark.parametrize(
     "body,message",
     [
-        (b"--B\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.jpg\"\r\n\r\nDATA without an end", "closing boundary"),
+        (b"--B\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.jpg\"\r\n\r\nDATA without an end", "the file part has no closing boundary"),
+        (b"--B\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\ntext, cut", "no file in the upload"),
         (b"--B\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\ntext\r\n--B--\r\n", "no file in the upload"),
         (b"--B\r\n" + b"X" * 20000, "a part without headers"),
     ],

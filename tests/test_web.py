@@ -29,7 +29,8 @@ from conftest import sky_image
 from nebula.device.camera import Frame
 from nebula.device.config import RunConfig
 from nebula.device.runtime import Classifier
-from nebula.device.web import LiveState, WebServerError, parse_multipart, start_server
+from nebula.device.upload import Body, receive
+from nebula.device.web import LiveState, WebServerError, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,10 +82,11 @@ def _upload(server, filename, data):
 # --- pieces -----------------------------------------------------------------------------------
 
 
-def test_parse_multipart_keeps_binary_bytes_exact():
+def test_multipart_keeps_binary_bytes_exact(tmp_path):
     data = _png() + b"\r\n--not-a-boundary\r\n\r\n" + bytes(range(256))
     body, content_type = _multipart("M 42.png", data)
-    assert parse_multipart(body, content_type) == ("M 42.png", data)
+    assert receive(Body(io.BytesIO(body), len(body)), content_type, tmp_path / "u") == "M 42.png"
+    assert (tmp_path / "u").read_bytes() == data
 
 
 # --- the JSON API on a real server -----------------------------------------------------------
