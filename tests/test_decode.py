@@ -595,3 +595,30 @@ def test_16bit_rgb_is_binned_before_the_stretch_with_a_spec(tmp_path):
     assert rgb.shape == (96, 128, 3)
     red, green, blue = centre(rgb)
     assert red > green + 40 and red > blue + 40
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the peak RSS from Linux /proc")
+def test_a_9576x6388_frame_decodes_within_a_small_pis_memory(tmp_path):
+    """An IMX455 full frame (9576 x 6388, 16 bit: 122 MB on disk): peak RSS of a fresh process decoding it.
+
+    Read whole, it took 0.8 GB (uint16 data, a float32 copy, the binning's copies); binned on
+    read in 4 MB strips, the peak is the imports (numpy, PIL, astropy: about 60 MB) plus a few strips.
+    """
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(0)
+    frame = (1000 + rng.normal(0, 20, (6388, 9576))).astype(np.uint16)
+    path = write_fits(tmp_path / "imx455.fits", frame)
+    del frame
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent (pytest, with TensorFlow loaded).
+    code = ("import sys; from nebula.device.decode import load_image; from nebula.device.preprocess import PreprocessSpec; "
+            "shape = load_image(sys.argv[1], PreprocessSpec(input_size=224)).shape; "
+            "print(shape, next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    shape, peak_kb = done.stdout.rsplit(" ", 1)
+    print(f"peak RSS decoding a 9576x6388 uint16 FITS: {int(peak_kb) / 1024:.0f} MB")
+    assert shape == "(304, 456, 3)"  # binned 21x
+    assert int(peak_kb) / 1024 < 120
