@@ -112,7 +112,7 @@ def open_error_cause(path: str | Path, err: OSError) -> str:
 
 def _open_nonblocking(path, flags):
     # Without O_NONBLOCK, opening a FIFO for reading waits for a writer, forever if none comes.
-    return os.open(path, flags | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
 
 
 def _require_regular_file(path: Path, file) -> None:
@@ -120,7 +120,8 @@ def _require_regular_file(path: Path, file) -> None:
     if not stat.S_ISREG(mode):
         kind = _NOT_REGULAR.get(stat.S_IFMT(mode), "not a regular file")
         raise ImageError(path, f"not an image file: {kind}")
-    os.set_blocking(file.fileno(), True)
+    if hasattr(os, "O_NONBLOCK"):
+        os.set_blocking(file.fileno(), True)
 
 
 def load_image(path: str | Path, spec: PreprocessSpec | None = None) -> np.ndarray:

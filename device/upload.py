@@ -17,6 +17,7 @@ server), a multipart body without the file or its closing boundary (400).
 from __future__ import annotations
 
 import email.message
+import socket
 from http import HTTPStatus
 from pathlib import Path
 
@@ -64,7 +65,7 @@ class Body:
         reader = getattr(self.rfile, "read1", self.rfile.read)
         try:
             chunk = reader(min(size, self.left))
-        except TimeoutError:  # the socket's timeout: the client stopped sending
+        except (TimeoutError, socket.timeout):  # the socket's timeout (distinct classes before Python 3.10): the client stopped
             waited = f" for {self.stall_s:g} s" if self.stall_s else ""
             raise UploadError(HTTPStatus.REQUEST_TIMEOUT, f"upload stalled: no data{waited} after "
                               f"{self.length - self.left} of {self.length} bytes") from None
