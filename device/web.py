@@ -309,8 +309,9 @@ class _Handler(BaseHTTPRequestHandler):
         except UploadError:
             self.close_connection = True
         return self._json(HTTPStatus.SERVICE_UNAVAILABLE,
-                          {"error": f"busy: {self.app.max_uploads} uploads are being classified; "
-                                    f"try again in {_RETRY_AFTER_S} s"}, {"Retry-After": str(_RETRY_AFTER_S)})
+                          {"error": f"busy: {self.app.max_uploads} upload{'s' if self.app.max_uploads != 1 else ''} "
+                                    f"already in progress (the limit); try again in {_RETRY_AFTER_S} s"},
+                          {"Retry-After": str(_RETRY_AFTER_S)})
 
 
 class _Server(ThreadingHTTPServer):

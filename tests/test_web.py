@@ -455,15 +455,23 @@ def test_other_methods_get_405_in_json(server):
     assert got == 200 and head["Content-Type"].startswith("text/html")
 
 
-def test_uploads_beyond_the_slots_get_503_with_retry_after(strict_server):
-    stalled = _raw(strict_server, "POST", "/api/classify", {"Content-Length": "5000", "Content-Type": "image/png"},
-                   _png()[:100], read=False)  # holds the only slot until its second runs out
-    time.sleep(0.2)
-    got, answer, head = _upload(strict_server, "M42.png", _png())
-    assert got == 503 and head["Retry-After"] == "5" and answer["error"].startswith("busy: 1 uploads")
-    assert stalled.getresponse().status == 408
-    stalled.close()
-    assert _upload(strict_server, "M42.png", _png())[0] == 200
+def test_uploads_beyond_the_slots_get_503_with_retry_after(classifier):
+    server = start_server(classifier, "127.0.0.1", 0, max_uploads=1, upload_timeout_s=3.0)
+    try:
+        stalled = _raw(server, "POST", "/api/classify", {"Content-Length": "5000", "Content-Type": "image/png"},
+                       _png()[:100], read=False)  # holds the only slot until its 3 s of silence run out
+        deadline = time.monotonic() + 2
+        while True:  # until the server has taken the stalled upload's slot (at once, unless the machine is busy)
+            got, answer, head = _upload(server, "M42.png", _png())
+            if got == 503 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert got == 503 and head["Retry-After"] == "5" and answer["error"] == "busy: 1 upload already in progress (the limit); try again in 5 s"
+        assert stalled.getresponse().status == 408
+        stalled.close()
+        assert _upload(server, "M42.png", _png())[0] == 200
+    finally:
+        server.stop()
 
 
 def test_uploads_are_decoded_under_the_same_pixel_limit(server):
