@@ -24,7 +24,7 @@ from typing import IO, ContextManager, Iterable, Iterator
 
 from nebula.device.config import RunConfig
 from nebula.device.decode import ImageError, SkippedImage, load_image
-from nebula.device.formats import is_image_name
+from nebula.device.formats import is_image_name, names_text
 from nebula.device.record import CSV_COLUMNS, ResultRecord, utc_now
 from nebula.device.runtime import UNKNOWN, Classifier, Prediction
 
@@ -56,15 +56,34 @@ class Result:
         return self.record(model_sha256).to_dict()
 
 
-def find_images(paths: Iterable[str | Path]) -> Iterator[Path]:
+@dataclass(frozen=True)
+class EmptyFolder:
+    """A folder given as input that holds no image: it gets an error line of its own, not silence."""
+
+    path: Path
+
+
+def find_images(paths: Iterable[str | Path]) -> Iterator[Path | EmptyFolder]:
     """Files as given (even unknown kinds: they get an error of their own); folders walked
-    recursively in sorted order, keeping image files and skipping hidden ones (.DS_Store, ._x.jpg)."""
+    recursively in sorted order, keeping image names and skipping hidden ones (.DS_Store, ._x.jpg).
+
+    In a folder, every image name that is not a folder is kept, broken symlinks and
+    FIFOs included, so that each gets its error line instead of being skipped unseen.
+    """
     for path in map(Path, paths):
-        if path.is_dir():
-            found = (p for p in path.rglob("*") if is_image_name(p.name) and not _hidden(p.relative_to(path)) and p.is_file())
-            yield from sorted(found, key=lambda p: p.relative_to(path).parts)
+        if _is_dir(path):
+            found = sorted((p for p in path.rglob("*") if is_image_name(p.name) and not _hidden(p.relative_to(path))
+                            and not _is_dir(p)), key=lambda p: p.relative_to(path).parts)
+            yield from found if found else [EmptyFolder(path)]
         else:
             yield path
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a name too long: not a folder; opening it says why in one line
+        return False
 
 
 def _hidden(relative: Path) -> bool:
@@ -73,9 +92,12 @@ def _hidden(relative: Path) -> bool:
 
 def classify_paths(classifier: Classifier, paths: Iterable[str | Path], *, top_k: int = RunConfig.top_k,
                    threshold: float = RunConfig.threshold) -> Iterator[Result]:
-    """One `Result` per input image, in order, as each is done."""
-    for path in find_images(paths):
-        yield classify_file(classifier, path, top_k=top_k, threshold=threshold)
+    """One `Result` per input image (and per folder without one), in order, as each is done."""
+    for item in find_images(paths):
+        if isinstance(item, EmptyFolder):
+            yield Result(str(item.path), error=f"no images found in this folder (no {names_text()} files)", utc=utc_now())
+        else:
+            yield classify_file(classifier, item, top_k=top_k, threshold=threshold)
 
 
 def classify_file(classifier: Classifier, path: Path, *, top_k: int = RunConfig.top_k,
@@ -119,7 +141,7 @@ class ResultWriter:
             self._header()
         record = result.to_record(self.sha256)
         if result.failed:
-            print(f"error: {result.file}: {result.error}", file=self.err, flush=True)
+            print(f"error: {one_line(result.file)}: {result.error}", file=self.err, flush=True)
         if self.fmt == "jsonl":
             self.out.write(json.dumps(record) + "\n")
         elif self.fmt == "csv":
@@ -140,12 +162,19 @@ class ResultWriter:
     def _table_row(self, result: Result) -> str:
         w = self.label_width
         if result.skipped is not None:
-            return f"{'skipped':<{w}}  {'-':>5}  {'-':<{self.others_width}}  {'-':>6}  {result.file}  ({result.skipped})"
+            return f"{'skipped':<{w}}  {'-':>5}  {'-':<{self.others_width}}  {'-':>6}  {one_line(result.file)}  ({result.skipped})"
         p = result.prediction
         # An 'unknown' answer lists every candidate; a confident one, the runners-up.
         candidates = p.top_k if p.label == UNKNOWN else p.top_k[1:]
         others = ", ".join(f"{label} {score:.2f}" for label, score in candidates) or "-"
-        return f"{p.label:<{w}}  {p.score:5.2f}  {others:<{self.others_width}}  {p.timings_ms['invoke']:6.1f}  {result.file}"
+        return f"{p.label:<{w}}  {p.score:5.2f}  {others:<{self.others_width}}  {p.timings_ms['invoke']:6.1f}  {one_line(result.file)}"
+
+
+def one_line(name: str) -> str:
+    """A file name for a line of text: control characters (a newline in a name) and undecodable bytes as escapes."""
+    if name.isprintable():
+        return name
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape", "backslashreplace").decode("ascii") for ch in name)
 
 
 class ModelUnavailable(Exception):

@@ -32,6 +32,15 @@ model_option = click.option("--model", type=click.Path(dir_okay=False),
 num_threads_option = click.option("--num-threads", type=click.IntRange(1), help="Interpreter threads [default: runtime's choice].")
 
 
+verbose_option = click.option("-v", "--verbose", is_flag=True,
+                              help="Also show the runtime's routine messages (its XNNPACK INFO line), once.")
+
+
+def _show_runtime_notes(classifier, verbose: bool) -> None:
+    for note in classifier.runtime_notes if verbose else ():
+        click.echo(note, err=True)
+
+
 def threshold_option(what: str = "answer"):
     return click.option("--threshold", type=click.FloatRange(0, 1),
                         help=f"Below this score the {what} is 'unknown' [default: {RunConfig.threshold}].")
@@ -57,8 +66,9 @@ def config_option(what: str = ""):
               help="table for people, jsonl for programs, csv for spreadsheets.")
 @num_threads_option
 @config_option(" (its model, num_threads, threshold and top_k)")
+@verbose_option
 @formats.in_help
-def classify(paths, files_from, model, top_k, threshold, fmt, num_threads, config_file):
+def classify(paths, files_from, model, top_k, threshold, fmt, num_threads, config_file, verbose):
     """Classify photographs: files or folders (recursive); {formats}.
 
     Linear FITS and 16-bit TIFF data are auto-stretched first; dark, flat and
@@ -80,14 +90,13 @@ def classify(paths, files_from, model, top_k, threshold, fmt, num_threads, confi
 
     config, _ = _run_config({"model": model, "top_k": top_k, "threshold": threshold, "num_threads": num_threads}, config_file)
     classifier = _classifier(config.model, config.num_threads)
+    _show_runtime_notes(classifier, verbose)
     writer = ResultWriter(fmt, classifier.sha256, classifier.labels, config.top_k)
     seen = failed = 0
     for result in classify_paths(classifier, paths, top_k=config.top_k, threshold=config.threshold):
-        writer.write(result)
+        writer.write(result)  # every input, a folder without images included, gives one result
         seen += 1
         failed += result.failed
-    if seen == 0:
-        raise click.ClickException(f"no images found in {', '.join(paths)}")
     if failed:
         click.echo(f"{failed} of {seen} inputs failed", err=True)
         raise SystemExit(1)
@@ -183,8 +192,9 @@ def port_option(what: str = "Web page port"):
 @click.option("--max-frames", type=click.IntRange(1), help="Stop after this many items [default: run until stopped].")
 @num_threads_option
 @config_option()
+@verbose_option
 @formats.in_help
-def run(config_file, **flags):
+def run(config_file, verbose, **flags):
     """Classify live camera frames or new captures in a folder, until stopped.
 
     \b
@@ -194,8 +204,9 @@ def run(config_file, **flags):
                                          (INDI, Ekos/KStars <target>/Light/<filter>/, ...)
       --source fake                      generated frames, for a demo
 
-    Every item gets one line in the results log (JSON lines, flushed per line);
-    a capture is classified once, when complete, also across restarts. Settings
+    Every item gets one line in the results log (JSON lines, fsynced within
+    log_fsync_s, rotated at log_max_mb); a capture is classified once, when
+    complete (unchanged for settle_s), also across restarts and rotations. Settings
     come from defaults, then the config file, then these flags. SIGTERM or
     Ctrl-C finishes the current item and exits 0.
 
@@ -211,7 +222,7 @@ def run(config_file, **flags):
 
     config, files = _run_config(flags, config_file)
     try:
-        finished = daemon.run(config, files, announce=lambda line: click.echo(line, err=True))
+        finished = daemon.run(config, files, announce=lambda line: click.echo(line, err=True), verbose=verbose)
     except ModelUnavailable as err:
         raise _ModelExit(str(err)) from None
     except (CameraError, WebServerError) as err:
@@ -229,9 +240,10 @@ def run(config_file, **flags):
 @threshold_option()
 @top_k_option("shown per upload")
 @num_threads_option
-@config_option(" (its [web] host/port, model, num_threads, threshold and top_k)")
+@config_option(" (its [web] settings, model, num_threads, threshold and top_k)")
+@verbose_option
 @formats.in_help
-def serve(host, port, model, threshold, top_k, num_threads, config_file):
+def serve(host, port, model, threshold, top_k, num_threads, config_file, verbose):
     """Serve the local web page: upload a photo, see the top candidates with confidence bars.
 
     Uploads up to 25 MB of {formats} (checked by content). For the
@@ -246,8 +258,10 @@ def serve(host, port, model, threshold, top_k, num_threads, config_file):
     flags = {"host": host, "port": port, "model": model, "threshold": threshold, "top_k": top_k, "num_threads": num_threads}
     config, _ = _run_config(flags, config_file)
     classifier = _classifier(config.model, config.num_threads)
+    _show_runtime_notes(classifier, verbose)
     try:
         web.serve(classifier, config.host, config.port, announce=lambda line: click.echo(line, err=True),
-                  threshold=config.threshold, top_k=config.top_k)
+                  threshold=config.threshold, top_k=config.top_k,
+                  max_uploads=config.max_uploads, upload_timeout_s=config.upload_timeout_s)
     except web.WebServerError as err:
         raise click.ClickException(str(err)) from None

@@ -6,7 +6,11 @@ TensorFlow's own `tf.lite` (only present on a workstation install).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +31,40 @@ _BACKENDS = (
 )
 
 
+# What the runtime's C++ side prints on every start; kept in Classifier.runtime_notes instead (shown with -v).
+_ROUTINE_NOTES = ("INFO: Created TensorFlow Lite XNNPACK delegate",)
+
+
 class RuntimeMissing(Exception):
     pass
+
+
+@contextlib.contextmanager
+def _native_stderr_into(notes: list[str]):
+    """Collect what native code writes to file descriptor 2 meanwhile: routine notes into `notes`,
+    anything else back to stderr as it was (an error from the runtime is never hidden)."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to redirect (a daemon with fd 2 closed)
+        yield
+        return
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            text = capture.read().decode("utf-8", "replace")
+    for line in text.splitlines(keepends=True):
+        if line.startswith(_ROUTINE_NOTES):
+            notes.append(line.rstrip("\n"))
+        else:
+            sys.stderr.write(line)
+    sys.stderr.flush()
 
 
 def load_interpreter_class(prefer: str | None = None):
@@ -76,9 +112,11 @@ class Classifier:
         self.spec = self.model.preprocess
         self.sha256 = self.model.sha256
         Interpreter, self.backend = load_interpreter_class(backend)
+        self.runtime_notes: list[str] = []  # the runtime's routine INFO lines, for a verbose caller to show
         try:
-            self.interpreter = Interpreter(model_content=self.model.flatbuffer, num_threads=num_threads)
-            self.interpreter.allocate_tensors()
+            with _native_stderr_into(self.runtime_notes):
+                self.interpreter = Interpreter(model_content=self.model.flatbuffer, num_threads=num_threads)
+                self.interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as err:
             raise ModelFileError(f"{self.path}: the runtime cannot load it ({err})") from None
         (inp,) = self.interpreter.get_input_details()

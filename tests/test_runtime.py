@@ -73,3 +73,27 @@ def test_labels_that_do_not_match_the_outputs_are_refused(tiny_model_file, tmp_p
     bad.write_bytes(modelfile.embed(model.flatbuffer, TINY_LABELS + ["dark"], {k: v for k, v in model.manifest.items() if k not in ("labels", "sha256", "format")}))
     with pytest.raises(ModelFileError, match="3 outputs but 4 labels"):
         Classifier(bad)
+
+
+def test_the_runtimes_routine_info_line_is_kept_not_printed(tiny_model_file):
+    import subprocess
+    import sys
+
+    # A fresh process: the runtime prints its XNNPACK line only for the first interpreter of a process.
+    code = "import sys; from nebula.device.runtime import Classifier; print(Classifier(sys.argv[1]).runtime_notes)"
+    done = subprocess.run([sys.executable, "-c", code, str(tiny_model_file)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "XNNPACK" not in done.stderr
+    assert "INFO: Created TensorFlow Lite XNNPACK delegate" in done.stdout
+
+
+def test_anything_else_the_runtime_prints_still_reaches_stderr(capfd):
+    import os
+
+    from nebula.device.runtime import _native_stderr_into
+
+    notes = []
+    with _native_stderr_into(notes):
+        os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\nERROR: something real\n")
+    assert notes == ["INFO: Created TensorFlow Lite XNNPACK delegate for CPU."]
+    assert capfd.readouterr().err == "ERROR: something real\n"
