@@ -181,7 +181,7 @@ class ModelUnavailable(Exception):
     """No usable model or runtime; the message is one line saying what to do."""
 
 
-def open_classifier(model: str | Path | None = None, num_threads: int | None = None) -> Classifier:
+def open_classifier(model: str | Path | None = None, num_threads: int | None = None, tta: int = 1) -> Classifier:
     """Load the model once (`model`, else $NEBULA_MODEL, else models/nebula.tflite), or raise `ModelUnavailable`."""
     from nebula.device.modelfile import ModelFileError
     from nebula.device.config import default_model_path
@@ -194,6 +194,6 @@ def open_classifier(model: str | Path | None = None, num_threads: int | None = N
             "or pass --model FILE or set NEBULA_MODEL"
         )
     try:
-        return Classifier(path, num_threads=num_threads)
+        return Classifier(path, num_threads=num_threads, tta=tta)
     except (ModelFileError, RuntimeMissing) as err:
         raise ModelUnavailable(str(err)) from None

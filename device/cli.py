@@ -18,11 +18,11 @@ class _ModelExit(click.ClickException):
     exit_code = 2
 
 
-def _classifier(model, num_threads):
+def _classifier(model, num_threads, tta=1):
     from nebula.device.classify import ModelUnavailable, open_classifier
 
     try:
-        return open_classifier(model, num_threads)
+        return open_classifier(model, num_threads, tta)
     except ModelUnavailable as err:
         raise _ModelExit(str(err)) from None
 
@@ -30,6 +30,8 @@ def _classifier(model, num_threads):
 model_option = click.option("--model", type=click.Path(dir_okay=False),
                             help=f"Model file [default: $NEBULA_MODEL or {DEFAULT_MODEL}].")
 num_threads_option = click.option("--num-threads", type=click.IntRange(1), help="Interpreter threads [default: runtime's choice].")
+tta_option = click.option("--tta", type=click.IntRange(1, 8),
+                          help=f"Average N symmetric views (flips, rotations) of each image; N invokes [default: {RunConfig.tta}].")
 
 
 verbose_option = click.option("-v", "--verbose", is_flag=True,
@@ -65,10 +67,11 @@ def config_option(what: str = ""):
 @click.option("--format", "fmt", type=click.Choice(["table", "jsonl", "csv"]), default="table", show_default=True,
               help="table for people, jsonl for programs, csv for spreadsheets.")
 @num_threads_option
-@config_option(" (its model, num_threads, threshold and top_k)")
+@tta_option
+@config_option(" (its model, num_threads, threshold, top_k and tta)")
 @verbose_option
 @formats.in_help
-def classify(paths, files_from, model, top_k, threshold, fmt, num_threads, config_file, verbose):
+def classify(paths, files_from, model, top_k, threshold, fmt, num_threads, tta, config_file, verbose):
     """Classify photographs: files or folders (recursive); {formats}.
 
     Linear FITS and 16-bit TIFF data are auto-stretched first; dark, flat and
@@ -88,8 +91,9 @@ def classify(paths, files_from, model, top_k, threshold, fmt, num_threads, confi
     if not paths:
         raise click.UsageError("give image files or folders, or --files-from FILE")
 
-    config, _ = _run_config({"model": model, "top_k": top_k, "threshold": threshold, "num_threads": num_threads}, config_file)
-    classifier = _classifier(config.model, config.num_threads)
+    config, _ = _run_config({"model": model, "top_k": top_k, "threshold": threshold, "num_threads": num_threads, "tta": tta},
+                            config_file)
+    classifier = _classifier(config.model, config.num_threads, config.tta)
     _show_runtime_notes(classifier, verbose)
     writer = ResultWriter(fmt, classifier.sha256, classifier.labels, config.top_k)
     seen = failed = 0
@@ -191,6 +195,7 @@ def port_option(what: str = "Web page port"):
               help=f"Watch: seconds between looks at the folder [default: {RunConfig.poll_s:g}].")
 @click.option("--max-frames", type=click.IntRange(1), help="Stop after this many items [default: run until stopped].")
 @num_threads_option
+@tta_option
 @config_option()
 @verbose_option
 @formats.in_help
@@ -240,10 +245,11 @@ def run(config_file, verbose, **flags):
 @threshold_option()
 @top_k_option("shown per upload")
 @num_threads_option
-@config_option(" (its [web] settings, model, num_threads, threshold and top_k)")
+@tta_option
+@config_option(" (its [web] settings, model, num_threads, threshold, top_k and tta)")
 @verbose_option
 @formats.in_help
-def serve(host, port, model, threshold, top_k, num_threads, config_file, verbose):
+def serve(host, port, model, threshold, top_k, num_threads, tta, config_file, verbose):
     """Serve the local web page: upload a photo, see the top candidates with confidence bars.
 
     Uploads up to 25 MB of {formats} (checked by content). For the
@@ -255,9 +261,10 @@ def serve(host, port, model, threshold, top_k, num_threads, config_file, verbose
     """
     from nebula.device import web
 
-    flags = {"host": host, "port": port, "model": model, "threshold": threshold, "top_k": top_k, "num_threads": num_threads}
+    flags = {"host": host, "port": port, "model": model, "threshold": threshold, "top_k": top_k, "num_threads": num_threads,
+             "tta": tta}
     config, _ = _run_config(flags, config_file)
-    classifier = _classifier(config.model, config.num_threads)
+    classifier = _classifier(config.model, config.num_threads, config.tta)
     _show_runtime_notes(classifier, verbose)
     try:
         web.serve(classifier, config.host, config.port, announce=lambda line: click.echo(line, err=True),

@@ -12,6 +12,7 @@ The file (every key optional)::
     model = "/opt/nebula-classifier/nebula.tflite"
     threshold = 0.5             # below this (smoothed) score the answer is "unknown"
     top_k = 3
+    tta = 1                     # average this many symmetric views of each image (1-8; each costs one invoke)
     smooth = 5                  # live sources: average the last N frames' probabilities
     max_fps = 5.0               # live sources: at most this many frames a second (0: no limit)
     log = "/var/lib/nebula-classifier/results.jsonl"
@@ -97,6 +98,7 @@ class RunConfig:
     num_threads: int | None = None
     threshold: float = 0.5
     top_k: int = 3
+    tta: int = 1
     smooth: int = 5
     max_fps: float = 5.0
     max_frames: int | None = None
@@ -123,6 +125,7 @@ class RunConfig:
         checks = [
             (0.0 <= self.threshold <= 1.0, "threshold must be between 0 and 1"),
             (self.top_k >= 1, "top_k must be at least 1"),
+            (1 <= self.tta <= 8, "tta must be between 1 (off) and 8"),
             (self.smooth >= 1, "smooth must be at least 1 (1: no smoothing)"),
             (self.max_fps >= 0, "max_fps must be 0 (no limit) or more"),
             (self.poll_s > 0, "poll_s must be positive"),
@@ -151,7 +154,7 @@ class RunConfig:
 # TOML key (dotted for tables) -> RunConfig field.
 _TOML_KEYS = {
     "source": "source", "model": "model", "num_threads": "num_threads", "threshold": "threshold", "top_k": "top_k",
-    "smooth": "smooth", "max_fps": "max_fps", "max_frames": "max_frames", "log": "log", "sidecar": "sidecar",
+    "tta": "tta", "smooth": "smooth", "max_fps": "max_fps", "max_frames": "max_frames", "log": "log", "sidecar": "sidecar",
     "log_fsync_s": "log_fsync_s", "log_max_mb": "log_max_mb", "log_keep": "log_keep",
     "watch.dir": "watch_dir", "watch.poll_s": "poll_s", "watch.settle_s": "settle_s", "watch.truncated_grace_s": "truncated_grace_s",
     "camera.exposure_us": "exposure_us", "camera.gain": "gain",
@@ -161,7 +164,7 @@ _TOML_KEYS = {
 }
 _TYPES = {
     "source": str, "watch_dir": str, "poll_s": float, "model": str, "num_threads": int, "threshold": float,
-    "top_k": int, "smooth": int, "max_fps": float, "max_frames": int, "log": str, "sidecar": bool,
+    "top_k": int, "tta": int, "smooth": int, "max_fps": float, "max_frames": int, "log": str, "sidecar": bool,
     "exposure_us": int, "gain": float, "preview_width": int, "preview_height": int, "web": bool, "host": str, "port": int,
     "settle_s": float, "truncated_grace_s": float, "log_fsync_s": float, "log_max_mb": float, "log_keep": int,
     "max_uploads": int, "upload_timeout_s": float,

@@ -192,7 +192,7 @@ def run(
     """
     from nebula.device.classify import open_classifier
 
-    classifier = open_classifier(config.model, config.num_threads)
+    classifier = open_classifier(config.model, config.num_threads, config.tta)
     for note in classifier.runtime_notes if verbose else ():
         announce(note)
     source = source or make_source(config)

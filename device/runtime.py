@@ -23,6 +23,18 @@ from nebula.device.modelfile import ModelFileError
 from nebula.device.preprocess import prepare
 
 UNKNOWN = "unknown"
+# Test-time augmentation: the sky has no "up", so the 8 symmetries of the square are views of one field.
+# `--tta N` averages the first N (1 = off); each costs one more invoke, nothing else.
+TTA_VIEWS = (
+    lambda x: x,
+    lambda x: x[:, ::-1],
+    lambda x: x[::-1, :],
+    lambda x: x[::-1, ::-1],
+    lambda x: x.transpose(1, 0, 2),
+    lambda x: np.rot90(x, 1),
+    lambda x: np.rot90(x, -1),
+    lambda x: x[::-1, ::-1].transpose(1, 0, 2),
+)
 
 _BACKENDS = (
     ("ai_edge_litert.interpreter", "ai-edge-litert"),
@@ -105,7 +117,11 @@ class Prediction:
 class Classifier:
     """A .tflite model file, loaded once: `classify(rgb)` prepares, invokes, ranks."""
 
-    def __init__(self, model_path: str | Path | None = None, num_threads: int | None = None, backend: str | None = None):
+    def __init__(self, model_path: str | Path | None = None, num_threads: int | None = None, backend: str | None = None,
+                 tta: int = 1):
+        if not 1 <= tta <= len(TTA_VIEWS):
+            raise ValueError(f"tta must be between 1 and {len(TTA_VIEWS)}, not {tta}")
+        self.tta = tta
         self.path = Path(model_path) if model_path else default_model_path()
         self.model = modelfile.read(self.path)
         self.labels = self.model.labels
@@ -143,12 +159,18 @@ class Classifier:
             return (raw.astype(np.float32) - self._output_zero) * np.float32(self._output_scale)
         return raw.astype(np.float32)
 
+    def invoke_views(self, image: np.ndarray) -> np.ndarray:
+        """`invoke`, averaged over the first `tta` symmetric views of the prepared image (one invoke when tta is 1)."""
+        if self.tta == 1:
+            return self.invoke(image)
+        return np.mean([self.invoke(view(image)) for view in TTA_VIEWS[: self.tta]], axis=0)
+
     def classify(self, rgb, top_k: int | None = None, threshold: float = 0.0) -> Prediction:
         """Classify one RGB image of any size (PIL image or HxWx3 uint8 array); top_k/threshold as `Prediction`'s."""
         t0 = time.perf_counter()
         image = prepare(rgb, self.spec)
         t1 = time.perf_counter()
-        probs = self.invoke(image)
+        probs = self.invoke_views(image)
         t2 = time.perf_counter()
         prediction = Prediction.from_probabilities(probs, self.labels, top_k, threshold)
         t3 = time.perf_counter()

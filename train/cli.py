@@ -285,7 +285,11 @@ def train(data, out, **options):
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the scores as JSON here.")
 @click.option("--out", "png_dir", type=click.Path(file_okay=False), help="Write confusion_matrix.png and mistakes.html here.")
 @click.option("--batch-size", default=32, show_default=True, help="Images per Keras batch.")
-def evaluate(model, data_dir, json_out, png_dir, batch_size):
+@click.option("--images-from", type=click.File("r"),
+              help="Score only the images listed in this file, one path per line (a run's test_images.txt).")
+@click.option("--tta", default=1, show_default=True, type=click.IntRange(1, 8),
+              help=".tflite: average N symmetric views of each image, as 'nebula classify --tta N' does.")
+def evaluate(model, data_dir, json_out, png_dir, batch_size, images_from, tta):
     """Score a model on a labelled folder (one sub-folder per label, or a dataset with manifest.csv).
 
     MODEL is a run folder, its model.keras (labels and preprocessing are read from the
@@ -294,8 +298,9 @@ def evaluate(model, data_dir, json_out, png_dir, batch_size):
     loaded exactly as the device loads them; unreadable ones are listed and skipped.
 
     \b
-    Example:
+    Examples:
       nebula evaluate models/nebula.tflite ~/my_nebulae --json scores.json --out report/
+      nebula evaluate models/nebula.tflite data/stellarium --images-from models/runs/main/test_images.txt --tta 4
     """
     import json
     from pathlib import Path
@@ -308,7 +313,8 @@ def evaluate(model, data_dir, json_out, png_dir, batch_size):
     if not is_tflite(model):
         require_workstation("evaluate")
     try:
-        result = evaluate_folder(model, data_dir, batch_size)
+        only = {str(Path(line.strip()).resolve()) for line in images_from if line.strip()} if images_from else None
+        result = evaluate_folder(model, data_dir, batch_size, only=only, tta=tta)
     except (RunError, ModelFileError, ValueError) as err:
         raise click.ClickException(str(err)) from None
     for err in result.skipped:
