@@ -1,12 +1,17 @@
 """The self-describing model file: a TFLite flatbuffer with its labels and manifest appended.
 
-Like TFLite metadata's associated files, the extras are a zip archive appended to
-the flatbuffer, so Python's standard library alone reads them back:
+The extras are a zip archive appended to the flatbuffer, exactly where TFLite
+Metadata keeps its associated files, so Python's standard library alone reads
+them back, and MediaPipe or the TFLite Support library find the same labels.txt:
 
-    model.tflite = <TFLite flatbuffer> + zip{labels.txt, manifest.json}
+    model.tflite = <TFLite flatbuffer, with a TFLITE_METADATA entry> + zip{labels.txt, manifest.json}
 
-The manifest's ``sha256`` is the hash of the flatbuffer part, so a truncated or
-modified file is caught before the interpreter sees it.
+The TFLITE_METADATA entry (written by nebula.convert.tflite_metadata) is for other
+runtimes; this reader needs only the zip, so files from before it read the same.
+The manifest's ``sha256`` is the hash of the flatbuffer part, metadata entry
+included, so a truncated or modified file is caught before the interpreter sees
+it. The hash cannot cover the manifest that holds it; the labels are in the
+manifest too, and the two copies must agree.
 """
 
 from __future__ import annotations
@@ -54,11 +59,17 @@ def embed(flatbuffer: bytes, labels: list[str], manifest: dict) -> bytes:
     if flatbuffer[4:8] != b"TFL3":
         raise ValueError("not a TFLite flatbuffer (no TFL3 identifier)")
     manifest = {**manifest, "format": FORMAT, "labels": list(labels), "sha256": flatbuffer_sha256(flatbuffer)}
-    archive = io.BytesIO()
-    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+    model = io.BytesIO(flatbuffer)
+    # Appending to the flatbuffer (not concatenating a separate zip) makes the zip's
+    # offsets count from the file's start, as TFLite's metadata populator writes them;
+    # stored, not deflated: MediaPipe refuses a compressed archive.
+    with zipfile.ZipFile(model, "a", zipfile.ZIP_STORED) as zf:
         zf.writestr(LABELS_NAME, "".join(f"{label}\n" for label in labels))
         zf.writestr(MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True))
-    return flatbuffer + archive.getvalue()
+    data = model.getvalue()
+    if not data.startswith(flatbuffer):  # zipfile took stray bytes in the weights for an archive of its own
+        raise ValueError("appending the archive changed the flatbuffer")
+    return data
 
 
 def parse(data: bytes, path: Path | None = None) -> ModelFile:
