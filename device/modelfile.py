@@ -16,7 +16,6 @@ manifest too, and the two copies must agree.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import zipfile
@@ -24,6 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nebula.device.preprocess import PreprocessSpec
+
+try:  # CPython's own SHA-256: hashlib would load OpenSSL's libcrypto (3.6 MB resident) for this one hash
+    from _sha256 import sha256 as _sha256  # Python <= 3.11
+except ImportError:
+    try:
+        from _sha2 import sha256 as _sha256  # Python >= 3.12
+    except ImportError:
+        from hashlib import sha256 as _sha256
 
 FORMAT = "nebula-classifier/1"
 LABELS_NAME = "labels.txt"
@@ -37,9 +44,15 @@ class ModelFileError(Exception):
 @dataclass
 class ModelFile:
     path: Path | None
-    flatbuffer: bytes
+    data: bytes  # the whole file; TFLite reads the flatbuffer at its start and ignores the zip after it
+    flatbuffer_size: int
     labels: list[str]
     manifest: dict
+
+    @property
+    def flatbuffer(self) -> bytes:
+        """The TFLite part alone (a copy: the device loads `data` as it is, to hold the model once)."""
+        return self.data[: self.flatbuffer_size]
 
     @property
     def sha256(self) -> str:
@@ -50,8 +63,8 @@ class ModelFile:
         return PreprocessSpec.from_dict(self.manifest["preprocess"])
 
 
-def flatbuffer_sha256(flatbuffer: bytes) -> str:
-    return hashlib.sha256(flatbuffer).hexdigest()
+def flatbuffer_sha256(flatbuffer: bytes | memoryview) -> str:
+    return _sha256(flatbuffer).hexdigest()
 
 
 def embed(flatbuffer: bytes, labels: list[str], manifest: dict) -> bytes:
@@ -94,18 +107,18 @@ def parse(data: bytes, path: Path | None = None) -> ModelFile:
             raise ModelFileError(f"{name}: embedded archive lacks {err.args[0]}") from None
         except (zipfile.BadZipFile, ValueError, OSError) as err:
             raise ModelFileError(f"{name}: corrupt embedded manifest ({err})") from None
-    flatbuffer = data[: min(info.header_offset for info in infos)]
+    flatbuffer_size = min(info.header_offset for info in infos)
     labels = [line for line in labels_text.splitlines() if line]
     if manifest.get("format") != FORMAT:
         raise ModelFileError(f"{name}: unknown model format {manifest.get('format')!r}, expected {FORMAT!r}")
     if labels != manifest.get("labels"):
         raise ModelFileError(f"{name}: labels.txt and manifest.json disagree on the labels")
-    if flatbuffer_sha256(flatbuffer) != manifest.get("sha256"):
+    if flatbuffer_sha256(memoryview(data)[:flatbuffer_size]) != manifest.get("sha256"):
         raise ModelFileError(f"{name}: sha256 mismatch: the model is truncated or was modified after conversion")
     for key in ("preprocess", "input", "output"):
         if key not in manifest:
             raise ModelFileError(f"{name}: manifest lacks '{key}'")
-    return ModelFile(path=path, flatbuffer=flatbuffer, labels=labels, manifest=manifest)
+    return ModelFile(path=path, data=data, flatbuffer_size=flatbuffer_size, labels=labels, manifest=manifest)
 
 
 def read(path: str | Path) -> ModelFile:

@@ -77,7 +77,7 @@ class Classifier:
         self.sha256 = self.model.sha256
         Interpreter, self.backend = load_interpreter_class(backend)
         try:
-            self.interpreter = Interpreter(model_content=self.model.flatbuffer, num_threads=num_threads)
+            self.interpreter = Interpreter(model_content=self.model.data, num_threads=num_threads)
             self.interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as err:
             raise ModelFileError(f"{self.path}: the runtime cannot load it ({err})") from None
