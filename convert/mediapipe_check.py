@@ -9,7 +9,7 @@ public API, run by that environment's python.
 MediaPipe resizes and normalises by the metadata itself. To compare models and not
 resizers, it is given each image already prepared by our `prepare` at the model's
 input size (a lossless PNG), so only the normalisation and the labels are its own;
-our answer comes from `classify_file` on the original file, the path `nebula classify` takes.
+our answer comes from the original file along the path `nebula classify` takes.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class MediaPipeComparison:
     ties: list[str] = field(default_factory=list)  # MediaPipe chose another label with exactly our top score
     differences: dict[str, tuple] = field(default_factory=dict)  # file -> ((ours, score), (MediaPipe's, score))
     unnamed: int = 0  # answers without a label name: MediaPipe did not find the labels in the metadata
-    largest_score_gap: float = 0.0
+    largest_score_gap: float = 0.0  # over every image and every label
     errors: dict[str, str] = field(default_factory=dict)  # files our decoder refused; not compared
 
     @property
@@ -90,10 +90,8 @@ def classify_with_mediapipe(python: Path, model: Path, images: list[Path]) -> di
 
 
 def compare_with_mediapipe(model: Path, images: list[Path], venv: Path = DEFAULT_VENV) -> MediaPipeComparison:
-    """Our top-1 (`classify_file`) against MediaPipe's on the same images, prepared by `prepare`."""
-    from nebula.device.classify import classify_file
-    from nebula.device.decode import ImageError, load_image
-    from nebula.device.preprocess import prepare
+    """Our answers (`nebula classify`'s path: decode_file, classify_decoded) against MediaPipe's on the same prepared images."""
+    from nebula.device.classify import classify_decoded, decode_file
     from nebula.device.runtime import Classifier
 
     model = Path(model).resolve()
@@ -102,31 +100,28 @@ def compare_with_mediapipe(model: Path, images: list[Path], venv: Path = DEFAULT
     ours, originals, errors = {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="nebula-mediapipe-") as folder:
         for i, path in enumerate(images):
-            result = classify_file(classifier, Path(path), top_k=len(classifier.labels))
-            if result.prediction is None:
-                errors[str(path)] = result.error or f"skipped: {result.skipped}"
-                continue
-            try:
-                image = prepare(load_image(Path(path), classifier.spec), classifier.spec)
-            except ImageError as err:
-                errors[str(path)] = err.cause
+            decoded = decode_file(classifier, Path(path))  # the two halves of `nebula classify`'s path
+            if decoded.result is not None:
+                errors[str(path)] = decoded.result.error or f"skipped: {decoded.result.skipped}"
                 continue
             png = Path(folder) / f"{i:05d}.png"
-            Image.fromarray(image).save(png)
+            Image.fromarray(decoded.image).save(png)
+            result = classify_decoded(classifier, decoded, top_k=len(classifier.labels))
             ours[str(png)], originals[str(png)] = result.prediction, str(path)
         theirs = classify_with_mediapipe(python, model, list(map(Path, ours))) if ours else {}
     comparison = MediaPipeComparison(images=len(ours), same_top1=0, errors=errors)
     for png, prediction in ours.items():
-        name, _, score = theirs[png][0]
-        original = originals[png]
-        if name is None or name == "":
+        ranked, original = theirs[png], originals[png]
+        name, _, score = ranked[0]
+        for _, index, their_score in ranked:  # every label's score, not only the winner's
+            comparison.largest_score_gap = max(comparison.largest_score_gap, abs(their_score - float(prediction.probabilities[index])))
+        if not name:
             comparison.unnamed += 1
         our_scores = dict(prediction.top_k)
         if name == prediction.label:
             comparison.same_top1 += 1
-            comparison.largest_score_gap = max(comparison.largest_score_gap, abs(score - prediction.score))
         elif name in our_scores and our_scores[name] == prediction.score and abs(score - prediction.score) < 1e-6:
-            comparison.ties.append(original)  # the same scores, a tie broken by another rule
+            comparison.ties.append(original)  # two labels share our top score; MediaPipe broke the tie the other way
         else:
             comparison.differences[original] = ((prediction.label, prediction.score), (name, score))
     return comparison
