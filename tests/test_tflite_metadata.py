@@ -1,7 +1,6 @@
 """Standard TFLite metadata in the model file: written as the schema says, read by MediaPipe, old files still read."""
 
 import zipfile
-from pathlib import Path
 
 import flatbuffers
 import numpy as np
