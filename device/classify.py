@@ -2,7 +2,10 @@
 
 `find_images` walks the inputs in a stable order, `classify_paths` yields one
 `Result` per input as soon as it is known, and `ResultWriter` streams each
-result out (flushed per line) in the chosen format.
+result out (flushed per line) in the chosen format. `classify_paths` decodes and
+prepares the next file in a thread (`nebula.device.prefetch`) while the
+interpreter runs the current one, so on two or more cores the decode is off the
+critical path; results keep the inputs' order.
 
 Each input's record is a `nebula.device.record.ResultRecord` (its docstring lists
 the fields): classified, failed (``error``: the run goes on, the exit code is 1) or
@@ -22,9 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, ContextManager, Iterable, Iterator
 
+import numpy as np
+
 from nebula.device.config import RunConfig
 from nebula.device.decode import ImageError, SkippedImage, load_image
 from nebula.device.formats import is_image_name, names_text
+from nebula.device.prefetch import DEPTH, Prefetched
+from nebula.device.preprocess import prepare
 from nebula.device.record import CSV_COLUMNS, ResultRecord, utc_now
 from nebula.device.runtime import UNKNOWN, Classifier, Prediction
 
@@ -90,33 +97,70 @@ def _hidden(relative: Path) -> bool:
     return any(part.startswith(".") for part in relative.parts)
 
 
+@dataclass
+class Decoded:
+    """One input made ready for the model: its prepared (S, S, 3) image, or the `Result` that ends it."""
+
+    path: Path
+    image: np.ndarray | None = None
+    image_size: tuple[int, int] | None = None  # (width, height) of the decoded picture
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    started: float = 0.0  # perf_counter() when its decode began
+    result: Result | None = None  # failed or skipped: nothing for the model to do
+
+
 def classify_paths(classifier: Classifier, paths: Iterable[str | Path], *, top_k: int = RunConfig.top_k,
-                   threshold: float = RunConfig.threshold) -> Iterator[Result]:
-    """One `Result` per input image (and per folder without one), in order, as each is done."""
-    for item in find_images(paths):
-        if isinstance(item, EmptyFolder):
-            yield Result(str(item.path), error=f"no images found in this folder (no {names_text()} files)", utc=utc_now())
-        else:
-            yield classify_file(classifier, item, top_k=top_k, threshold=threshold)
+                   threshold: float = RunConfig.threshold, prefetch: int = DEPTH) -> Iterator[Result]:
+    """One `Result` per input image, in order, as each is done; `prefetch` files decoded ahead (0: none, no thread)."""
+    decoded = (decode_file(classifier, path) for path in find_images(paths))
+    if not prefetch:
+        for item in decoded:
+            yield classify_decoded(classifier, item, top_k=top_k, threshold=threshold)
+        return
+    with Prefetched(decoded, prefetch) as ahead:
+        for item in ahead:
+            yield classify_decoded(classifier, item, top_k=top_k, threshold=threshold)
 
 
 def classify_file(classifier: Classifier, path: Path, *, top_k: int = RunConfig.top_k,
                   threshold: float = RunConfig.threshold, lock: ContextManager | None = None) -> Result:
     """Decode and classify one file. `lock` is held around the model only (the web page shares it with the daemon)."""
+    return classify_decoded(classifier, decode_file(classifier, path), top_k=top_k, threshold=threshold, lock=lock)
+
+
+def decode_file(classifier: Classifier, path: "Path | EmptyFolder") -> Decoded:
+    """Decode and prepare one file for `classifier` (no interpreter: safe in another thread).
+
+    A folder without images (from `find_images`) comes back as its error line."""
     t0 = time.perf_counter()
+    if isinstance(path, EmptyFolder):
+        error = f"no images found in this folder (no {names_text()} files)"
+        return Decoded(path.path, started=t0, result=Result(str(path.path), error=error, utc=utc_now()))
     try:
         rgb = load_image(path, classifier.spec)
     except SkippedImage as reason:
-        return Result(str(path), skipped=reason.cause, utc=utc_now())
+        return Decoded(path, started=t0, result=Result(str(path), skipped=reason.cause, utc=utc_now()))
     except ImageError as err:
-        return Result(str(path), error=err.cause, utc=utc_now())
-    decode_ms = (time.perf_counter() - t0) * 1e3
+        return Decoded(path, started=t0, result=Result(str(path), error=err.cause, utc=utc_now()))
+    t1 = time.perf_counter()
+    image = prepare(rgb, classifier.spec)
+    t2 = time.perf_counter()
+    return Decoded(path, image=image, image_size=(int(rgb.shape[1]), int(rgb.shape[0])), started=t0,
+                   timings_ms={"decode": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3})
+
+
+def classify_decoded(classifier: Classifier, decoded: Decoded, *, top_k: int = RunConfig.top_k,
+                     threshold: float = RunConfig.threshold, lock: ContextManager | None = None) -> Result:
+    """Run the model on what `decode_file` made. ``end_to_end`` is from the start of the decode to the answer
+    (with read-ahead it includes the time the file waited for the interpreter)."""
+    if decoded.result is not None:
+        return decoded.result
     with lock or nullcontext():
-        prediction = classifier.classify(rgb, top_k=top_k, threshold=threshold)
-    timings = {"decode": decode_ms, **prediction.timings_ms}
-    timings["end_to_end"] = (time.perf_counter() - t0) * 1e3
-    return Result(str(path), prediction=prediction, utc=utc_now(), timings_ms=timings,
-                  image_size=(int(rgb.shape[1]), int(rgb.shape[0])))
+        prediction = classifier.classify_prepared(decoded.image, top_k=top_k, threshold=threshold)
+    prediction.timings_ms = {"preprocess": decoded.timings_ms["preprocess"], **prediction.timings_ms}
+    timings = {"decode": decoded.timings_ms["decode"], **prediction.timings_ms}
+    timings["end_to_end"] = (time.perf_counter() - decoded.started) * 1e3
+    return Result(str(decoded.path), prediction=prediction, utc=utc_now(), timings_ms=timings, image_size=decoded.image_size)
 
 
 class ResultWriter:

@@ -123,13 +123,17 @@ def _progress_line(what: str, done: int, total: int) -> None:
 @click.option("--threads", default="1,2", show_default=True, help="Interpreter thread counts to time, comma-separated.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the results here as JSON.")
 def bench(model, images, size, threads, json_out):
-    """Time each stage of classification on camera-sized JPEGs; peak memory; model size.
+    """Time each stage of classification on camera-sized JPEGs; peak memory and where it goes.
 
     Generates synthetic sky frames (noise, stars, a nebula glow) once, then for each
     thread count reports the median and p90 of decode, preprocess, invoke,
-    postprocess and end to end, the bare invoke (the model alone, same input,
-    repeated), and end to end / bare invoke. Peak RSS comes from a fresh process
-    that classifies one image with TensorFlow blocked (the device path only).
+    postprocess, end to end (one file's latency), per image (the time between two
+    answers when a folder is classified, the next file decoded while the model
+    runs), a camera frame already in memory, and the bare invoke (the model alone,
+    same input, repeated); and the ratios files / bare and camera / bare. Peak RSS
+    comes from fresh processes with TensorFlow blocked (the device path only): one
+    JPEG, with the resident size after each step; the `nebula classify` command;
+    one FITS frame (the only input that imports astropy).
 
     \b
     Example:

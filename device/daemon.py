@@ -32,6 +32,7 @@ import numpy as np
 
 from nebula.device.camera import FakeCamera, Frame, FrameSource, PiCamera, WatchFolder
 from nebula.device.config import RunConfig, write_resolved
+from nebula.device.prefetch import Prefetched
 from nebula.device.record import ResultRecord
 from nebula.device.resultslog import ResultsLog, processed_files
 from nebula.device.runtime import Classifier, Prediction
@@ -86,7 +87,9 @@ class Daemon:
 
     def run(self) -> int:
         """Process items until the source ends, `max_frames`, or `stop()`; returns the number logged."""
-        frames = self.source.frames()
+        # A watched folder's next capture is decoded while the model runs on this one. A live
+        # source is not read ahead: the frame classified would be one capture old.
+        frames = self.source.frames() if self.source.live else Prefetched(self.source.frames())
         interval = 1.0 / self.max_fps if self.source.live and self.max_fps > 0 else 0.0
         next_at = time.monotonic()
         try:
@@ -106,6 +109,8 @@ class Daemon:
                     next_at = max(next_at + interval, time.monotonic() - interval)
                     self.source.wait(next_at - time.monotonic())
         finally:
+            if isinstance(frames, Prefetched):
+                self.source.stop()  # the read-ahead thread may be waiting inside frames() for the next capture
             frames.close()
         return self.count
 

@@ -131,7 +131,7 @@ class Classifier:
         self.runtime_notes: list[str] = []  # the runtime's routine INFO lines, for a verbose caller to show
         try:
             with _native_stderr_into(self.runtime_notes):
-                self.interpreter = Interpreter(model_content=self.model.flatbuffer, num_threads=num_threads)
+                self.interpreter = Interpreter(model_content=self.model.data, num_threads=num_threads)
                 self.interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as err:
             raise ModelFileError(f"{self.path}: the runtime cannot load it ({err})") from None
@@ -169,14 +169,17 @@ class Classifier:
         """Classify one RGB image of any size (PIL image or HxWx3 uint8 array); top_k/threshold as `Prediction`'s."""
         t0 = time.perf_counter()
         image = prepare(rgb, self.spec)
+        preprocess_ms = (time.perf_counter() - t0) * 1e3
+        prediction = self.classify_prepared(image, top_k, threshold)
+        prediction.timings_ms = {"preprocess": preprocess_ms, **prediction.timings_ms}
+        return prediction
+
+    def classify_prepared(self, image: np.ndarray, top_k: int | None = None, threshold: float = 0.0) -> Prediction:
+        """Invoke and rank one image `prepare` already made: the part of `classify` that needs the interpreter."""
         t1 = time.perf_counter()
         probs = self.invoke_views(image)
         t2 = time.perf_counter()
         prediction = Prediction.from_probabilities(probs, self.labels, top_k, threshold)
         t3 = time.perf_counter()
-        prediction.timings_ms = {
-            "preprocess": (t1 - t0) * 1e3,
-            "invoke": (t2 - t1) * 1e3,
-            "postprocess": (t3 - t2) * 1e3,
-        }
+        prediction.timings_ms = {"invoke": (t2 - t1) * 1e3, "postprocess": (t3 - t2) * 1e3}
         return prediction

@@ -622,3 +622,16 @@ def test_a_9576x6388_frame_decodes_within_a_small_pis_memory(tmp_path):
     print(f"peak RSS decoding a 9576x6388 uint16 FITS: {int(peak_kb) / 1024:.0f} MB")
     assert shape == "(304, 456, 3)"  # binned 21x
     assert int(peak_kb) / 1024 < 120
+
+
+@pytest.mark.parametrize("size,decoded", [((1024, 768), (256, 192)), ((2000, 1500), (250, 188)), ((300, 200), (300, 200))])
+def test_jpeg_decodes_at_the_smallest_dct_scale_not_below_the_model_input(tmp_path, size, decoded):
+    """PIL's draft: 1/2, 1/4 or 1/8 of the file, the smallest that still covers the 224 px content (224x168 for 4:3)."""
+    path = tmp_path / "frame.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path, quality=90)
+    spec = PreprocessSpec(input_size=224)
+    rgb = load_image(path, spec)
+    assert (rgb.shape[1], rgb.shape[0]) == decoded
+    content = spec.content_size(*size)
+    assert rgb.shape[1] >= content[0] and rgb.shape[0] >= content[1]
+    assert load_image(path).shape[:2] == (size[1], size[0])  # without a spec, the full picture
