@@ -334,21 +334,29 @@ def evaluate(model, data_dir, json_out, png_dir, batch_size, images_from, tta):
         click.echo(f"Wrote {png_dir}/confusion_matrix.png and mistakes.html")
 
 
+def _crossval_default(name: str):
+    from nebula.train.crossval import CrossvalConfig
+
+    return getattr(CrossvalConfig(data="", out=""), name)
+
+
 @click.command()
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False), help="Dataset with manifest.csv (credit column).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for crossval.json and crossval_confusion.png.")
-@click.option("--backbone", "backbone_name", default="efficientnet_lite0", show_default=True, help="Registered backbone.")
-@click.option("--folds", default=5, show_default=True, help="Photographers are dealt into this many folds.")
-@click.option("--views", default=4, show_default=True, help="Views per training image: the plain one plus augmented ones.")
-@click.option("--augment", "augment_recipe", default="sky", show_default=True,
+@click.option("--backbone", "backbone_name", default=_crossval_default("backbone"), show_default=True, help="Registered backbone.")
+@click.option("--folds", default=_crossval_default("folds"), show_default=True, help="Photographers are dealt into this many folds.")
+@click.option("--views", default=_crossval_default("views"), show_default=True,
+              help="Views per training image: the plain one plus augmented ones.")
+@click.option("--augment", "augment_recipe", default=_crossval_default("augment"), show_default=True,
               help="sky: rotations, flips, crops, exposure, mild white balance, noise. shifted: also other people's "
                    "processing (white balance, saturation, gradients, vignetting, blur, JPEG, bicolour narrowband).")
-@click.option("--crops/--no-crops", default=True, show_default=True, help="Train on the dataset's catalog-guided crops too.")
-@click.option("--class-balance", default=0.5, show_default=True,
+@click.option("--crops/--no-crops", default=_crossval_default("crops"), show_default=True,
+              help="Train on the dataset's catalog-guided crops too.")
+@click.option("--class-balance", default=_crossval_default("class_balance"), show_default=True,
               help="Power of the inverse-frequency class weights: 0 none, 1 fully balanced.")
-@click.option("--repeats", default=1, show_default=True,
+@click.option("--repeats", default=_crossval_default("repeats"), show_default=True,
               help="Repeat with other fold deals and head seeds (cheap: features are cached) and report the spread.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=_crossval_default("seed"), show_default=True)
 def crossval(data, out, backbone_name, folds, views, augment_recipe, crops, class_balance, repeats, seed):
     """Leave-photographers-out cross-validation: the figure to choose recipes by.
 

@@ -49,7 +49,7 @@ class CrossvalConfig:
     weights: str = "pretrained"
     folds: int = 5
     views: int = 4
-    augment: str = "sky"
+    augment: str = "shifted"
     crops: bool = True
     seed: int = 0
     batch_size: int = 32

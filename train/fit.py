@@ -70,7 +70,7 @@ class TrainConfig:
     dropout: float = 0.3
     snap_weights: bool = True  # backbone kernels rounded to the int8 grid before training (nebula.train.int8_grid)
     crops: bool = True  # train on the dataset's catalog-guided crops too (never in val or test)
-    augment: str = "sky"  # augmentation recipe: nebula.train.augment.RECIPES
+    augment: str = "shifted"  # augmentation recipe: nebula.train.augment.RECIPES ("sky" reproduces the earlier recipe)
     calibrate: bool = True  # fit a temperature on validation and fold it into the classifier
     class_balance: float = 0.5  # power of the inverse-frequency class weights: 0 none, 1 fully balanced
     patience: int = 4  # epochs without a better validation macro-F1 before a phase stops
