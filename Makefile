@@ -1,5 +1,5 @@
 # Every target is one line you could type yourself. `make` runs the whole main job.
-.PHONY: all setup data train convert demo test bench clean
+.PHONY: all setup data train convert demo test bench crossval clean
 
 all: setup data train convert demo
 
@@ -19,6 +19,10 @@ convert:
 demo:
 	.venv/bin/nebula classify --model models/nebula.tflite --files-from models/runs/main/test_images.txt
 
+# Leave-photographers-out cross-validation: the figure recipes are chosen by (README, "Other photographers").
+crossval:
+	.venv/bin/nebula crossval --data data/stellarium --out models/crossval --repeats 3
+
 test: .venv/bin/pytest
 	.venv/bin/pytest
 
@@ -30,4 +34,4 @@ bench:
 	.venv/bin/nebula bench --model models/nebula.tflite --json models/bench.json
 
 clean:
-	rm -rf data/stellarium models/runs models/nebula.tflite models/labels.txt models/manifest.json
+	rm -rf data/stellarium models/runs models/crossval models/nebula.tflite models/labels.txt models/manifest.json

@@ -1,6 +1,7 @@
 """The `nebula convert` command."""
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -15,16 +16,20 @@ from nebula.extras import require_workstation
 @click.option("--force", is_flag=True, help="Write the model even if int8 fails the accuracy gate.")
 @click.option("--check-tflite-runtime", "check_old", is_flag=True,
               help="Also classify the test split with tflite-runtime 2.14.0 (in .venv-tflite214) and compare top-1 answers.")
-def convert(run_dir, out, representative, seed, force, check_old):
+@click.option("--check-mediapipe", is_flag=True,
+              help="Also classify the test split with MediaPipe Tasks' ImageClassifier (in .venv-mediapipe), which reads "
+                   "only the standard TFLite metadata, and compare top-1 answers and label names.")
+def convert(run_dir, out, representative, seed, force, check_old, check_mediapipe):
     """Convert a training run to a self-describing, fully int8 TFLite model.
 
     Quantizes with representative training images, scores float and int8 on the
     run's test split, and refuses (exit 1) if int8 accuracy is more than 1.0 point
     below float or top-1 agreement is under 97 %, unless --force. The labels and a
-    JSON manifest are embedded in the file; labels.txt and manifest.json are also
+    JSON manifest are embedded in the file, with standard TFLite metadata (labels,
+    input normalisation) for other runtimes; labels.txt and manifest.json are also
     written beside it.
 
-    Example: nebula convert models/runs/main --out models/nebula.tflite --check-tflite-runtime
+    Example: nebula convert models/runs/main --out models/nebula.tflite --check-mediapipe
     """
     require_workstation("convert")
     from nebula.convert.export import ConversionRefused, convert_run
@@ -41,6 +46,8 @@ def convert(run_dir, out, representative, seed, force, check_old):
     click.echo(f"Wrote {report.out} (sha256 {report.manifest['sha256'][:12]}), labels.txt and manifest.json beside it")
     if check_old:
         _check_old_runtime(report.out, run_dir)
+    if check_mediapipe:
+        _check_mediapipe(report.out, run_dir)
 
 
 def _print_scores(report):
@@ -59,7 +66,6 @@ def _print_scores(report):
 def _check_old_runtime(model, run_dir):
     """tflite-runtime 2.14 (many Raspberry Pi OS Bookworm setups) must give the same top-1 answers as LiteRT."""
     import subprocess
-    from pathlib import Path
 
     from nebula.convert.compat import compare_runtimes
     from nebula.train.run import load_run
@@ -78,4 +84,31 @@ def _check_old_runtime(model, run_dir):
     if result["differences"]:
         for name, (new, old) in result["differences"].items():
             click.echo(f"  differs: {name}: {new[0]} {new[1]:.3f} vs {old[0]} {old[1]:.3f}", err=True)
+        sys.exit(1)
+
+
+def _check_mediapipe(model, run_dir):
+    """MediaPipe's ImageClassifier, reading only the standard metadata, must name our labels and agree on top-1."""
+    import subprocess
+
+    from nebula.convert.mediapipe_check import DEFAULT_VENV, compare_with_mediapipe
+    from nebula.train.run import load_run
+
+    images = load_run(run_dir).image_paths("test")
+    click.echo(f"Comparing top-1 answers with MediaPipe's ImageClassifier on {len(images)} test images (venv {DEFAULT_VENV})", err=True)
+    try:
+        result = compare_with_mediapipe(model, images, DEFAULT_VENV)
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as err:
+        click.echo(f"Error: MediaPipe check could not run: {err}", err=True)
+        sys.exit(1)
+    ties = f", {len(result.ties)} more tied at our top score and broken the other way" if result.ties else ""
+    click.echo(f"MediaPipe vs nebula classify: same top-1 for {result.same_top1} of {result.images} images{ties}; "
+               f"largest score gap {result.largest_score_gap:.4f}")
+    for name, cause in result.errors.items():
+        click.echo(f"  not compared: {name}: {cause}", err=True)
+    if result.unnamed:
+        click.echo(f"Error: MediaPipe gave {result.unnamed} answers without a label name: it did not find the labels in the metadata", err=True)
+    for name, (ours, theirs) in result.differences.items():
+        click.echo(f"  differs: {Path(name).name}: {ours[0]} {ours[1]:.3f} vs {theirs[0]} {theirs[1]:.3f}", err=True)
+    if not result.agrees:
         sys.exit(1)

@@ -5,7 +5,8 @@
 Steps: quantize with a representative set of training images (fixed seed), read
 the real quantization parameters back, score float and int8 on the run's test
 split through the device's own preprocessing, refuse the model if int8 lost
-accuracy, and embed labels + manifest (with both scores) in the file.
+accuracy, and embed labels + manifest (with both scores) in the file, next to
+the standard TFLite Metadata that other runtimes read (convert/tflite_metadata.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nebula.convert.tflite_metadata import add_metadata
 from nebula.device import modelfile
 from nebula.device.decode import ImageError, load_image
 from nebula.device.preprocess import prepare
@@ -109,6 +111,8 @@ def convert_run(run_dir, out, representative: int = 200, seed: int = 0, force: b
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__, "converter": "TFLiteConverter.from_keras_model, int8"},
         "converted_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    # Before scoring: the int8 scores below are then those of the very flatbuffer written.
+    flatbuffer = add_metadata(flatbuffer, run.labels, manifest)
 
     test_rows = run.splits["test"]
     paths = [run.image_path(r) for r in test_rows]

@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from nebula.device.config import RunConfig
 from nebula.device.formats import is_image_name
 from nebula.device.preprocess import PreprocessSpec
 
@@ -409,11 +410,20 @@ class FakeCamera(FrameSource):
 
 # Ekos/KStars and most capture programs sort frames into these folders; not sky pictures.
 CALIBRATION_FOLDERS = {"dark", "darks", "flat", "flats", "bias", "biases", "offset", "darkflat", "darkflats", "flatdark", "flatdarks"}
-FileKey = tuple  # (absolute path, size, mtime_ns): a capture is the same capture only if all three match
+FileKey = tuple  # (resolved path, size, mtime_ns): a capture is the same capture only if all three match
 
 
 def file_key(path: Path, stat: os.stat_result) -> FileKey:
-    return (str(path), stat.st_size, stat.st_mtime_ns)
+    """The capture's identity: its resolved path, so a folder reached through a symlink is the same folder."""
+    return (resolved_name(path), stat.st_size, stat.st_mtime_ns)
+
+
+def resolved_name(path: str | Path) -> str:
+    """The path with every symlink resolved; a broken symlink keeps its own name (in its resolved folder)."""
+    real = os.path.realpath(path)
+    if os.path.exists(real):
+        return real
+    return os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
 
 
 def capture_metadata(root: Path, path: Path) -> dict:
@@ -431,24 +441,40 @@ def capture_metadata(root: Path, path: Path) -> dict:
     return out
 
 
+@dataclass
+class _Pending:
+    signature: tuple[int, int]  # (size, mtime_ns) when last seen
+    since: float  # monotonic time it was first seen with this signature
+    hold_until: float = 0.0  # read as cut short: not offered again before this (unless it changes)
+
+
 class WatchFolder(FrameSource):
     """New captures under `root` (recursive), each classified once, when complete.
 
-    Complete means: unchanged size and mtime across two polls, not empty, and (on Linux)
-    not open for writing by any process this user can see. A file whose decode fails
-    while it is still changing goes back to waiting instead of getting an error line.
-    `done` holds the keys already classified (the daemon reads them from its results
-    log), so a restart does not classify anything twice; a capture rewritten in place
-    (new size or mtime) is a new capture.
+    Complete means: size and mtime unchanged for `settle_s` seconds (and across at
+    least two polls), and (on Linux) not open for writing by any process this user
+    can see. A file whose decode fails while it is still changing goes back to
+    waiting instead of getting an error line. One that reads as cut short (empty,
+    truncated, a FITS shorter than its header declares) is only reported once it
+    has stayed unchanged for `truncated_grace_s`: a writer that pauses between
+    chunks gets that long to finish. Broken symlinks (dangling, looping) under
+    `root` get an error line each, once.
+
+    Captures are known by their resolved path: `done` holds the keys already
+    classified (the daemon reads them from its results log), so a restart does not
+    classify anything twice, even with the folder spelled another way (through a
+    symlink); a capture rewritten in place (new size or mtime) is a new capture.
+    Frames carry the resolved path.
     """
 
-    def __init__(self, root: str | Path, poll_s: float = 1.0, done: Iterable[FileKey] = (), check_open_files: bool = True):
+    def __init__(self, root: str | Path, poll_s: float = 1.0, done: Iterable[FileKey] = (), check_open_files: bool = True,
+                 settle_s: float = RunConfig.settle_s, truncated_grace_s: float = RunConfig.truncated_grace_s):
         super().__init__()
         self.root = Path(root).expanduser().absolute()
-        self.poll_s = poll_s
-        self.done: set[FileKey] = set(done)
+        self.poll_s, self.settle_s, self.truncated_grace_s = poll_s, settle_s, truncated_grace_s
+        self.done: set[FileKey] = {(resolved_name(name), size, mtime) for name, size, mtime in done}
         self.check_open_files = check_open_files
-        self._pending: dict[Path, tuple[int, int]] = {}
+        self._pending: dict[Path, _Pending] = {}
 
     def open(self, spec: PreprocessSpec) -> None:
         if not self.root.is_dir():
@@ -456,7 +482,10 @@ class WatchFolder(FrameSource):
         super().open(spec)
 
     def scan(self) -> dict[Path, os.stat_result]:
-        """Every capture file under root: skips hidden files and folders and non-image names."""
+        """Every capture file under root: skips hidden files and folders and non-image names.
+
+        A broken symlink is listed with its own (lstat) status, so that it gets its error line.
+        """
         found = {}
         for folder, dirs, files in os.walk(self.root):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -464,24 +493,25 @@ class WatchFolder(FrameSource):
                 if not is_image_name(name):
                     continue
                 path = Path(folder, name)
-                try:
-                    stat = path.stat()
-                except OSError:  # deleted between listing and stat
-                    continue
-                found[path] = stat
+                stat = _stat(path)
+                if stat is not None:  # None: deleted between listing and stat
+                    found[path] = stat
         return found
 
     def poll(self) -> list[tuple[Path, os.stat_result]]:
         """One look at the folder: the captures that became complete since the last look, oldest first."""
+        now = time.monotonic()
         seen = self.scan()
         candidates = []
         for path, stat in seen.items():
             if file_key(path, stat) in self.done:
                 continue
             signature = (stat.st_size, stat.st_mtime_ns)
-            if self._pending.get(path) == signature and stat.st_size > 0:
+            pending = self._pending.get(path)
+            if pending is None or pending.signature != signature:
+                self._pending[path] = _Pending(signature, now)
+            elif now - pending.since >= self.settle_s and now >= pending.hold_until:
                 candidates.append((path, stat))
-            self._pending[path] = signature
         for gone in set(self._pending) - set(seen):
             del self._pending[gone]
         if candidates and self.check_open_files:
@@ -490,46 +520,65 @@ class WatchFolder(FrameSource):
         return sorted(candidates, key=lambda item: (item[1].st_mtime_ns, str(item[0])))
 
     def frames(self) -> Iterator[Frame]:
-        from nebula.device.decode import ImageError, SkippedImage, load_image
+        from nebula.device.decode import ImageError, IncompleteImage, SkippedImage, load_image
 
         while not self._stopping:
             for path, stat in self.poll():
                 if self._stopping:
                     return
                 key = file_key(path, stat)
+                resolved = Path(key[0])
                 base = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, **capture_metadata(self.root, path)}
                 calibration = next((p for p in path.relative_to(self.root).parts[:-1] if p.lower() in CALIBRATION_FOLDERS), None)
                 if calibration:
                     self.done.add(key)
-                    yield Frame(id=str(path), path=path, metadata=base, skipped=f"calibration frame (in a '{calibration}' folder)")
+                    yield Frame(id=str(resolved), path=resolved, metadata=base, skipped=f"calibration frame (in a '{calibration}' folder)")
                     continue
                 t0 = time.perf_counter()
                 try:
                     rgb = load_image(path, self.spec)
                 except SkippedImage as reason:
                     self.done.add(key)
-                    yield Frame(id=str(path), path=path, metadata=base, skipped=reason.cause)
+                    yield Frame(id=str(resolved), path=resolved, metadata=base, skipped=reason.cause)
                     continue
                 except ImageError as err:
-                    if self._changed_since(path, stat):
+                    if self._changed_since(path, stat) or (isinstance(err, IncompleteImage) and self._hold(path)):
                         continue  # still being written: it gets another chance when it settles
                     self.done.add(key)
-                    yield Frame(id=str(path), path=path, metadata=base, error=err.cause)
+                    yield Frame(id=str(resolved), path=resolved, metadata=base, error=err.cause)
                     continue
                 self.done.add(key)
                 base["decode_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
-                yield Frame(id=str(path), rgb=rgb, path=path, metadata=base)
+                yield Frame(id=str(resolved), rgb=rgb, path=resolved, metadata=base)
             self.wait(self.poll_s)
 
     def _changed_since(self, path: Path, stat: os.stat_result) -> bool:
-        try:
-            now = path.stat()
-        except OSError:
+        now = _stat(path)
+        if now is None:
             return True
         if (now.st_size, now.st_mtime_ns) != (stat.st_size, stat.st_mtime_ns):
-            self._pending[path] = (now.st_size, now.st_mtime_ns)
+            self._pending[path] = _Pending((now.st_size, now.st_mtime_ns), time.monotonic())
             return True
         return False
+
+    def _hold(self, path: Path) -> bool:
+        """A capture that reads as cut short: wait until it has been unchanged for the grace period; False once it has."""
+        pending = self._pending.get(path)
+        if pending is None or time.monotonic() - pending.since >= self.truncated_grace_s:
+            return False
+        pending.hold_until = pending.since + self.truncated_grace_s
+        return True
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    """The file's status; a broken symlink's own (lstat); None when it is gone."""
+    try:
+        return path.stat()
+    except OSError:
+        try:
+            return path.lstat() if path.is_symlink() else None
+        except OSError:
+            return None
 
 
 def files_open_for_writing(paths: set[Path]) -> set[Path]:

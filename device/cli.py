@@ -18,11 +18,11 @@ class _ModelExit(click.ClickException):
     exit_code = 2
 
 
-def _classifier(model, num_threads):
+def _classifier(model, num_threads, tta=1):
     from nebula.device.classify import ModelUnavailable, open_classifier
 
     try:
-        return open_classifier(model, num_threads)
+        return open_classifier(model, num_threads, tta)
     except ModelUnavailable as err:
         raise _ModelExit(str(err)) from None
 
@@ -30,6 +30,17 @@ def _classifier(model, num_threads):
 model_option = click.option("--model", type=click.Path(dir_okay=False),
                             help=f"Model file [default: $NEBULA_MODEL or {DEFAULT_MODEL}].")
 num_threads_option = click.option("--num-threads", type=click.IntRange(1), help="Interpreter threads [default: runtime's choice].")
+tta_option = click.option("--tta", type=click.IntRange(1, 8),
+                          help=f"Average N symmetric views (flips, rotations) of each image; N invokes [default: {RunConfig.tta}].")
+
+
+verbose_option = click.option("-v", "--verbose", is_flag=True,
+                              help="Also show the runtime's routine messages (its XNNPACK INFO line), once.")
+
+
+def _show_runtime_notes(classifier, verbose: bool) -> None:
+    for note in classifier.runtime_notes if verbose else ():
+        click.echo(note, err=True)
 
 
 def threshold_option(what: str = "answer"):
@@ -56,9 +67,11 @@ def config_option(what: str = ""):
 @click.option("--format", "fmt", type=click.Choice(["table", "jsonl", "csv"]), default="table", show_default=True,
               help="table for people, jsonl for programs, csv for spreadsheets.")
 @num_threads_option
-@config_option(" (its model, num_threads, threshold and top_k)")
+@tta_option
+@config_option(" (its model, num_threads, threshold, top_k and tta)")
+@verbose_option
 @formats.in_help
-def classify(paths, files_from, model, top_k, threshold, fmt, num_threads, config_file):
+def classify(paths, files_from, model, top_k, threshold, fmt, num_threads, tta, config_file, verbose):
     """Classify photographs: files or folders (recursive); {formats}.
 
     Linear FITS and 16-bit TIFF data are auto-stretched first; dark, flat and
@@ -78,16 +91,16 @@ def classify(paths, files_from, model, top_k, threshold, fmt, num_threads, confi
     if not paths:
         raise click.UsageError("give image files or folders, or --files-from FILE")
 
-    config, _ = _run_config({"model": model, "top_k": top_k, "threshold": threshold, "num_threads": num_threads}, config_file)
-    classifier = _classifier(config.model, config.num_threads)
+    config, _ = _run_config({"model": model, "top_k": top_k, "threshold": threshold, "num_threads": num_threads, "tta": tta},
+                            config_file)
+    classifier = _classifier(config.model, config.num_threads, config.tta)
+    _show_runtime_notes(classifier, verbose)
     writer = ResultWriter(fmt, classifier.sha256, classifier.labels, config.top_k)
     seen = failed = 0
     for result in classify_paths(classifier, paths, top_k=config.top_k, threshold=config.threshold):
-        writer.write(result)
+        writer.write(result)  # every input, a folder without images included, gives one result
         seen += 1
         failed += result.failed
-    if seen == 0:
-        raise click.ClickException(f"no images found in {', '.join(paths)}")
     if failed:
         click.echo(f"{failed} of {seen} inputs failed", err=True)
         raise SystemExit(1)
@@ -110,13 +123,17 @@ def _progress_line(what: str, done: int, total: int) -> None:
 @click.option("--threads", default="1,2", show_default=True, help="Interpreter thread counts to time, comma-separated.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the results here as JSON.")
 def bench(model, images, size, threads, json_out):
-    """Time each stage of classification on camera-sized JPEGs; peak memory; model size.
+    """Time each stage of classification on camera-sized JPEGs; peak memory and where it goes.
 
     Generates synthetic sky frames (noise, stars, a nebula glow) once, then for each
     thread count reports the median and p90 of decode, preprocess, invoke,
-    postprocess and end to end, the bare invoke (the model alone, same input,
-    repeated), and end to end / bare invoke. Peak RSS comes from a fresh process
-    that classifies one image with TensorFlow blocked (the device path only).
+    postprocess, end to end (one file's latency), per image (the time between two
+    answers when a folder is classified, the next file decoded while the model
+    runs), a camera frame already in memory, and the bare invoke (the model alone,
+    same input, repeated); and the ratios files / bare and camera / bare. Peak RSS
+    comes from fresh processes with TensorFlow blocked (the device path only): one
+    JPEG, with the resident size after each step; the `nebula classify` command;
+    one FITS frame (the only input that imports astropy).
 
     \b
     Example:
@@ -185,9 +202,11 @@ def port_option(what: str = "Web page port"):
               help="Copy uncertain items to the review folder, to label on the page's /review [default: yes].")
 @click.option("--review-dir", type=click.Path(file_okay=False), help="The review folder [default: review/ beside the log].")
 @num_threads_option
+@tta_option
 @config_option()
+@verbose_option
 @formats.in_help
-def run(config_file, **flags):
+def run(config_file, verbose, **flags):
     """Classify live camera frames or new captures in a folder, until stopped.
 
     \b
@@ -197,8 +216,9 @@ def run(config_file, **flags):
                                          (INDI, Ekos/KStars <target>/Light/<filter>/, ...)
       --source fake                      generated frames, for a demo
 
-    Every item gets one line in the results log (JSON lines, flushed per line);
-    a capture is classified once, when complete, also across restarts. Settings
+    Every item gets one line in the results log (JSON lines, fsynced within
+    log_fsync_s, rotated at log_max_mb); a capture is classified once, when
+    complete (unchanged for settle_s), also across restarts and rotations. Settings
     come from defaults, then the config file, then these flags. SIGTERM or
     Ctrl-C finishes the current item and exits 0.
 
@@ -214,7 +234,7 @@ def run(config_file, **flags):
 
     config, files = _run_config(flags, config_file)
     try:
-        finished = daemon.run(config, files, announce=lambda line: click.echo(line, err=True))
+        finished = daemon.run(config, files, announce=lambda line: click.echo(line, err=True), verbose=verbose)
     except ModelUnavailable as err:
         raise _ModelExit(str(err)) from None
     except (CameraError, WebServerError) as err:
@@ -232,9 +252,11 @@ def run(config_file, **flags):
 @threshold_option()
 @top_k_option("shown per upload")
 @num_threads_option
-@config_option(" (its [web] host/port, model, num_threads, threshold and top_k)")
+@tta_option
+@config_option(" (its [web] settings, model, num_threads, threshold, top_k and tta)")
+@verbose_option
 @formats.in_help
-def serve(host, port, model, threshold, top_k, num_threads, config_file):
+def serve(host, port, model, threshold, top_k, num_threads, tta, config_file, verbose):
     """Serve the local web page: upload a photo, see the top candidates with confidence bars.
 
     Uploads up to 25 MB of {formats} (checked by content). For the
@@ -247,14 +269,17 @@ def serve(host, port, model, threshold, top_k, num_threads, config_file):
     """
     from nebula.device import web
 
-    flags = {"host": host, "port": port, "model": model, "threshold": threshold, "top_k": top_k, "num_threads": num_threads}
+    flags = {"host": host, "port": port, "model": model, "threshold": threshold, "top_k": top_k, "num_threads": num_threads,
+             "tta": tta}
     config, _ = _run_config(flags, config_file)
-    classifier = _classifier(config.model, config.num_threads)
+    classifier = _classifier(config.model, config.num_threads, config.tta)
+    _show_runtime_notes(classifier, verbose)
     from nebula.device.review import ReviewQueue, review_folder  # the review view labels what nebula run queued
 
     review = ReviewQueue.from_config(config) if config.review and review_folder(config).is_dir() else None
     try:
         web.serve(classifier, config.host, config.port, announce=lambda line: click.echo(line, err=True),
-                  threshold=config.threshold, top_k=config.top_k, review=review)
+                  threshold=config.threshold, top_k=config.top_k,
+                  max_uploads=config.max_uploads, upload_timeout_s=config.upload_timeout_s, review=review)
     except web.WebServerError as err:
         raise click.ClickException(str(err)) from None

@@ -12,14 +12,20 @@ The file (every key optional)::
     model = "/opt/nebula-classifier/nebula.tflite"
     threshold = 0.5             # below this (smoothed) score the answer is "unknown"
     top_k = 3
+    tta = 1                     # average this many symmetric views of each image (1-8; each costs one invoke)
     smooth = 5                  # live sources: average the last N frames' probabilities
     max_fps = 5.0               # live sources: at most this many frames a second (0: no limit)
     log = "/var/lib/nebula-classifier/results.jsonl"
+    log_fsync_s = 1.0           # fsync the log at most this long after a line (0: after every line)
+    log_max_mb = 10.0           # rotate the log at this size (0: never) ...
+    log_keep = 5                # ... keeping this many old files (results.jsonl.1 ...)
     sidecar = true              # watch: write <capture>.json beside each capture
 
     [watch]
     dir = "/home/pi/Pictures/Ekos"
     poll_s = 1.0
+    settle_s = 2.0              # a capture is read once unchanged this long
+    truncated_grace_s = 30.0    # one that reads as cut short gets this long to be finished
 
     [camera]
     exposure_us = 2000000       # manual exposure; auto-exposure goes off
@@ -31,6 +37,8 @@ The file (every key optional)::
     enabled = true
     host = "127.0.0.1"          # "0.0.0.0" opens the page to the LAN
     port = 8080
+    max_uploads = 2             # uploads received and classified at once; more get 503
+    upload_timeout_s = 10.0     # a client that sends nothing for this long gets 408
 
     [review]                    # uncertain items are copied to a review folder, to be labelled on the page
     enabled = true
@@ -92,14 +100,20 @@ class RunConfig:
     source: str = "fake"
     watch_dir: str | None = None
     poll_s: float = 1.0
+    settle_s: float = 2.0
+    truncated_grace_s: float = 30.0
     model: str | None = None  # None: $NEBULA_MODEL or models/nebula.tflite
     num_threads: int | None = None
     threshold: float = 0.5
     top_k: int = 3
+    tta: int = 1
     smooth: int = 5
     max_fps: float = 5.0
     max_frames: int | None = None
     log: str = field(default_factory=default_log_path)
+    log_fsync_s: float = 1.0
+    log_max_mb: float = 10.0
+    log_keep: int = 5
     sidecar: bool = False
     exposure_us: int | None = None
     gain: float | None = None
@@ -108,6 +122,8 @@ class RunConfig:
     web: bool = False
     host: str = "127.0.0.1"
     port: int = 8080
+    max_uploads: int = 2
+    upload_timeout_s: float = 10.0
     review: bool = True
     review_dir: str | None = None  # None: review/ beside the log (nebula.device.review.review_folder)
     review_below: float = 0.6
@@ -123,9 +139,16 @@ class RunConfig:
         checks = [
             (0.0 <= self.threshold <= 1.0, "threshold must be between 0 and 1"),
             (self.top_k >= 1, "top_k must be at least 1"),
+            (1 <= self.tta <= 8, "tta must be between 1 (off) and 8"),
             (self.smooth >= 1, "smooth must be at least 1 (1: no smoothing)"),
             (self.max_fps >= 0, "max_fps must be 0 (no limit) or more"),
             (self.poll_s > 0, "poll_s must be positive"),
+            (self.settle_s >= 0 and self.truncated_grace_s >= 0, "settle_s and truncated_grace_s must be 0 or more"),
+            (self.log_fsync_s >= 0, "log_fsync_s must be 0 (every line) or more"),
+            (self.log_max_mb >= 0, "log_max_mb must be 0 (never rotate) or more"),
+            (self.log_keep >= 1, "log_keep must be at least 1"),
+            (self.max_uploads >= 1, "max_uploads must be at least 1"),
+            (self.upload_timeout_s > 0, "upload_timeout_s must be positive"),
             (self.max_frames is None or self.max_frames >= 1, "max_frames must be at least 1"),
             (self.exposure_us is None or self.exposure_us > 0, "exposure_us must be positive"),
             (self.gain is None or self.gain > 0, "gain must be positive"),
@@ -147,18 +170,22 @@ class RunConfig:
 # TOML key (dotted for tables) -> RunConfig field.
 _TOML_KEYS = {
     "source": "source", "model": "model", "num_threads": "num_threads", "threshold": "threshold", "top_k": "top_k",
-    "smooth": "smooth", "max_fps": "max_fps", "max_frames": "max_frames", "log": "log", "sidecar": "sidecar",
-    "watch.dir": "watch_dir", "watch.poll_s": "poll_s",
+    "tta": "tta", "smooth": "smooth", "max_fps": "max_fps", "max_frames": "max_frames", "log": "log", "sidecar": "sidecar",
+    "log_fsync_s": "log_fsync_s", "log_max_mb": "log_max_mb", "log_keep": "log_keep",
+    "watch.dir": "watch_dir", "watch.poll_s": "poll_s", "watch.settle_s": "settle_s", "watch.truncated_grace_s": "truncated_grace_s",
     "camera.exposure_us": "exposure_us", "camera.gain": "gain",
     "camera.preview_width": "preview_width", "camera.preview_height": "preview_height",
     "web.enabled": "web", "web.host": "host", "web.port": "port",
+    "web.max_uploads": "max_uploads", "web.upload_timeout_s": "upload_timeout_s",
     "review.enabled": "review", "review.dir": "review_dir", "review.below": "review_below", "review.gap": "review_gap",
     "review.max_mb": "review_max_mb", "review.every_s": "review_every_s",
 }
 _TYPES = {
     "source": str, "watch_dir": str, "poll_s": float, "model": str, "num_threads": int, "threshold": float,
-    "top_k": int, "smooth": int, "max_fps": float, "max_frames": int, "log": str, "sidecar": bool,
+    "top_k": int, "tta": int, "smooth": int, "max_fps": float, "max_frames": int, "log": str, "sidecar": bool,
     "exposure_us": int, "gain": float, "preview_width": int, "preview_height": int, "web": bool, "host": str, "port": int,
+    "settle_s": float, "truncated_grace_s": float, "log_fsync_s": float, "log_max_mb": float, "log_keep": int,
+    "max_uploads": int, "upload_timeout_s": float,
     "review": bool, "review_dir": str, "review_below": float, "review_gap": float, "review_max_mb": float, "review_every_s": float,
 }
 assert set(_TYPES) == {f.name for f in fields(RunConfig)}

@@ -1,7 +1,8 @@
 """The loop at the telescope: frame source -> classify -> results log (and the web page).
 
 Every item the source yields gets exactly one line in an append-only JSON-lines
-log, flushed per line, so a kill loses nothing already classified. Each line is a
+log (`nebula.device.resultslog`: written whole, fsynced within ``log_fsync_s``,
+rotated by size between lines), so a kill loses nothing already classified. Each line is a
 `nebula.device.record.ResultRecord` (its docstring lists the fields), as
 ``nebula classify --format jsonl`` writes them, with the source's extras; a failed
 or skipped item gets its line too, and the loop goes on.
@@ -29,47 +30,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from nebula.device.camera import FakeCamera, FileKey, Frame, FrameSource, PiCamera, WatchFolder
+from nebula.device.camera import FakeCamera, Frame, FrameSource, PiCamera, WatchFolder
 from nebula.device.config import RunConfig, write_resolved
+from nebula.device.prefetch import Prefetched
 from nebula.device.record import ResultRecord
+from nebula.device.resultslog import ResultsLog, processed_files
 from nebula.device.runtime import Classifier, Prediction
-
-
-class ResultsLog:
-    """An append-only JSON-lines file, flushed after every line."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")
-
-    def write(self, record: dict) -> None:
-        self._file.write(json.dumps(record, separators=(", ", ": ")) + "\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
-
-
-def processed_files(log: str | Path) -> set[FileKey]:
-    """The captures a results log already holds a line for, as (file, size, mtime_ns) keys.
-
-    A line cut short by a power cut is not valid JSON and is ignored: that capture
-    is classified again, which is the right thing.
-    """
-    keys = set()
-    try:
-        file = open(log, encoding="utf-8")
-    except FileNotFoundError:
-        return keys
-    with file:
-        for line in file:
-            try:
-                record = json.loads(line)
-                keys.add((record["file"], record["size"], record["mtime_ns"]))
-            except (ValueError, KeyError, TypeError):
-                continue
-    return keys
 
 
 class Smoother:
@@ -121,7 +87,9 @@ class Daemon:
 
     def run(self) -> int:
         """Process items until the source ends, `max_frames`, or `stop()`; returns the number logged."""
-        frames = self.source.frames()
+        # A watched folder's next capture is decoded while the model runs on this one. A live
+        # source is not read ahead: the frame classified would be one capture old.
+        frames = self.source.frames() if self.source.live else Prefetched(self.source.frames())
         interval = 1.0 / self.max_fps if self.source.live and self.max_fps > 0 else 0.0
         next_at = time.monotonic()
         try:
@@ -141,6 +109,8 @@ class Daemon:
                     next_at = max(next_at + interval, time.monotonic() - interval)
                     self.source.wait(next_at - time.monotonic())
         finally:
+            if isinstance(frames, Prefetched):
+                self.source.stop()  # the read-ahead thread may be waiting inside frames() for the next capture
             frames.close()
         return self.count
 
@@ -207,7 +177,8 @@ def make_source(config: RunConfig, log_path: str | Path | None = None) -> FrameS
     if config.source == "camera":
         return PiCamera(exposure_us=config.exposure_us, gain=config.gain, preview_size=(config.preview_width, config.preview_height))
     if config.source == "watch":
-        return WatchFolder(config.watch_dir, poll_s=config.poll_s, done=processed_files(log_path or config.log))
+        return WatchFolder(config.watch_dir, poll_s=config.poll_s, done=processed_files(log_path or config.log),
+                           settle_s=config.settle_s, truncated_grace_s=config.truncated_grace_s)
     return FakeCamera()
 
 
@@ -217,6 +188,7 @@ def run(
     source: FrameSource | None = None,
     on_result: Callable[[dict, Frame], None] | None = None,
     announce: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
+    verbose: bool = False,
 ) -> Daemon:
     """Load the model, open the source, serve the page if asked, and loop until done or signalled.
 
@@ -225,7 +197,9 @@ def run(
     """
     from nebula.device.classify import open_classifier
 
-    classifier = open_classifier(config.model, config.num_threads)
+    classifier = open_classifier(config.model, config.num_threads, config.tta)
+    for note in classifier.runtime_notes if verbose else ():
+        announce(note)
     source = source or make_source(config)
     lock = threading.Lock()
     server = None
@@ -241,7 +215,8 @@ def run(
 
         state = LiveState()
         server = start_server(classifier, config.host, config.port, state=state, lock=lock,
-                              threshold=config.threshold, top_k=config.top_k, review=review)
+                              threshold=config.threshold, top_k=config.top_k,
+                              max_uploads=config.max_uploads, upload_timeout_s=config.upload_timeout_s, review=review)
         callbacks.append(state.update)
         announce(f"web page: {server.url}")
 
@@ -249,7 +224,7 @@ def run(
         for callback in callbacks:
             callback(record, frame)
 
-    log = ResultsLog(config.log)
+    log = ResultsLog(config.log, fsync_s=config.log_fsync_s, max_bytes=int(config.log_max_mb * 2**20), keep=config.log_keep)
     try:
         source.open(classifier.spec)
         write_resolved(config, list(config_files), {"model_path": str(classifier.path), "model_sha256": classifier.sha256})

@@ -15,10 +15,22 @@ the cause; calibration frames are a `SkippedImage`, not an error.
 - TIFF: 8 and 16 bit. 16-bit data goes through the FITS module's linear test:
   a linear export (median in the bottom few percent, see `nebula.device.fits`)
   is auto-stretched like a FITS frame, a finished picture is scaled to 8 bits
-  (v / 257). PIL reduces 16-bit *RGB* to 8 bits itself, so uncompressed 16-bit
-  RGB TIFF strips are read directly with numpy to keep the faint end; compressed
-  ones and 16-bit RGB PNGs fall back to PIL's 8 bits before the same test.
+  (v / 257). PIL has no 16-bit RGB mode and keeps only each sample's high byte,
+  so 16-bit RGB PNGs and TIFFs (any compression PIL reads) are decoded twice, the
+  second time with the byte order swapped, which yields the low bytes: all 16 bits
+  reach the stretch, and PIL's own decoders do the work.
 - FITS: `nebula.device.fits` (astropy, imported only for FITS inputs).
+
+Every input is under one pixel limit, PIL's ``Image.MAX_IMAGE_PIXELS``: PIL
+formats by PIL's own check, FITS by the size its header declares, before any
+pixel is read.
+
+Files are opened without blocking and must be regular files: a FIFO named
+``x.jpg`` would otherwise wait for a writer forever. Every open error (no such
+file, a folder, permission, a symlink loop, a path through a file, a name too
+long) is one line. A file that reads as cut short (empty, truncated, FITS data
+shorter than its header declares) is an `IncompleteImage`, so a folder watcher
+can wait for the writer instead of reporting it.
 
 A truncated file is an error, never a silently grey image: PIL's
 ``LOAD_TRUNCATED_IMAGES`` is left False and every image is fully decoded here.
@@ -28,7 +40,11 @@ Images over PIL's ``Image.MAX_IMAGE_PIXELS`` are refused as decompression bombs
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 import struct
+import sys
 import warnings
 import zlib
 from pathlib import Path
@@ -45,7 +61,24 @@ _UPRIGHT = {
     2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
     5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90,
 }
-_RGB16_RAWMODES = {"RGB;16L": "<u2", "RGB;16B": ">u2", "RGB;16N": "=u2"}
+# A 16-bit RGB rawmode -> the one that reads the other byte of each sample as PIL's 8 bits.
+_NATIVE16 = "RGB;16L" if sys.byteorder == "little" else "RGB;16B"
+_SWAPPED16 = {"RGB;16L": "RGB;16B", "RGB;16B": "RGB;16L", "RGB;16N": "RGB;16B" if _NATIVE16 == "RGB;16L" else "RGB;16L"}
+_OPEN_CAUSES = {
+    errno.ENOENT: "no such file",
+    errno.EISDIR: "is a folder, not an image",
+    errno.EACCES: "permission denied (cannot read the file)",
+    errno.EPERM: "permission denied (cannot read the file)",
+    errno.ELOOP: "symlink loop (too many levels of symbolic links)",
+    errno.ENOTDIR: "not a file path (a part of it is a file, not a folder)",
+    errno.ENAMETOOLONG: "file name too long",
+}
+_NOT_REGULAR = {
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, IndexError)
 
 
@@ -61,6 +94,36 @@ class SkippedImage(ImageError):
     """An input deliberately not classified (a dark, flat or bias frame)."""
 
 
+class IncompleteImage(ImageError):
+    """An input that reads as cut short (empty, truncated): perhaps still being written."""
+
+
+def pixel_limit() -> int:
+    """The most pixels any input may have: PIL's setting, read at each call so a change to it applies."""
+    return int(Image.MAX_IMAGE_PIXELS)
+
+
+def open_error_cause(path: str | Path, err: OSError) -> str:
+    """One line for why `path` could not be opened."""
+    if err.errno == errno.ENOENT and os.path.islink(path):
+        return "dangling symlink (its target does not exist)"
+    return _OPEN_CAUSES.get(err.errno) or f"cannot read the file ({err.strerror or err})"
+
+
+def _open_nonblocking(path, flags):
+    # Without O_NONBLOCK, opening a FIFO for reading waits for a writer, forever if none comes.
+    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+
+
+def _require_regular_file(path: Path, file) -> None:
+    mode = os.fstat(file.fileno()).st_mode
+    if not stat.S_ISREG(mode):
+        kind = _NOT_REGULAR.get(stat.S_IFMT(mode), "not a regular file")
+        raise ImageError(path, f"not an image file: {kind}")
+    if hasattr(os, "O_NONBLOCK"):
+        os.set_blocking(file.fileno(), True)
+
+
 def load_image(path: str | Path, spec: PreprocessSpec | None = None) -> np.ndarray:
     """Decode `path` to an HxWx3 uint8 RGB array, upright per EXIF, alpha flattened onto black.
 
@@ -69,29 +132,30 @@ def load_image(path: str | Path, spec: PreprocessSpec | None = None) -> np.ndarr
     """
     path = Path(path)
     try:
-        with open(path, "rb") as file:
+        with open(path, "rb", opener=_open_nonblocking) as file:
+            _require_regular_file(path, file)
             head = file.read(formats.HEAD_BYTES)
             if not head:
-                raise ImageError(path, "empty file (0 bytes)")
+                raise IncompleteImage(path, "empty file (0 bytes)")
             found = formats.by_content(head) or formats.by_name(path.name)
             file.seek(0)
             return _DECODERS[found.decoder if found else "pil"](file, path, spec)
-    except FileNotFoundError:
-        raise ImageError(path, "no such file") from None
-    except IsADirectoryError:
-        raise ImageError(path, "is a folder, not an image") from None
-    except PermissionError:
-        raise ImageError(path, "permission denied (cannot read the file)") from None
+    except ImageError:
+        raise
+    except OSError as err:
+        raise ImageError(path, open_error_cause(path, err)) from None
     except MemoryError:
         raise ImageError(path, "too large to decode in memory") from None
 
 
 def _load_fits(file, path: Path, spec: PreprocessSpec | None) -> np.ndarray:
-    # astropy opens the file by name itself: it undoes gzip from the name
+    # astropy reads the open file (it recognises gzip by content): no second open by name
     try:
-        return fits.read_fits(path, spec.content_size if spec else None)
+        return fits.read_fits(file, spec.content_size if spec else None, max_pixels=pixel_limit())
     except fits.CalibrationFrame as reason:
         raise SkippedImage(path, str(reason)) from None
+    except fits.TruncatedFits as cause:
+        raise IncompleteImage(path, str(cause)) from None
     except fits.FitsError as cause:
         raise ImageError(path, str(cause)) from None
     except ImportError:
@@ -107,8 +171,7 @@ def _load_with_pil(file, path: Path, spec: PreprocessSpec | None) -> np.ndarray:
             image = Image.open(file)
             if spec is not None and image.format == "JPEG":
                 image.draft("RGB", spec.content_size(*image.size))
-            rgb16 = _read_raw_rgb16(file, image)
-            depth16 = rgb16 is not None or _is_16bit_rgb(image)
+            rgb16 = _decode_rgb16(file, image) if _is_16bit_rgb(image) else None
             if rgb16 is None:
                 image.load()  # decode now, so a truncated file fails here and not later
             upright = _UPRIGHT.get(image.getexif().get(_EXIF_ORIENTATION, 1))
@@ -118,9 +181,14 @@ def _load_with_pil(file, path: Path, spec: PreprocessSpec | None) -> np.ndarray:
         except UnidentifiedImageError:
             raise ImageError(path, "not an image (unrecognised format)") from None
         except _DECODE_ERRORS as err:
-            raise ImageError(path, _decode_cause(err)) from None
+            cause = _decode_cause(err)
+            raise (IncompleteImage if cause.startswith("truncated") else ImageError)(path, cause) from None
     if rgb16 is not None:
-        array = _display_or_error(path, np.moveaxis(rgb16.astype(np.float32), 2, 0), 65535.0)
+        planes = np.moveaxis(rgb16, 2, 0).astype(np.float32)
+        del rgb16
+        if spec is not None:
+            planes = fits.bin_to(planes, spec.content_size)
+        array = _display_or_error(path, planes, 65535.0)
         return array if upright is None else np.asarray(Image.fromarray(array).transpose(upright))
     if upright is not None:
         image = image.transpose(upright)
@@ -128,10 +196,7 @@ def _load_with_pil(file, path: Path, spec: PreprocessSpec | None) -> np.ndarray:
         values = np.asarray(image).astype(np.float32)
         full_scale = 65535.0 if image.mode.startswith("I;16") else None
         return _display_or_error(path, values[None], full_scale)
-    array = to_rgb_array(image)
-    if depth16 and fits.looks_linear(array, full_scale=255.0):
-        return _display_or_error(path, np.moveaxis(array.astype(np.float32), 2, 0), 255.0)
-    return array
+    return to_rgb_array(image)
 
 
 def to_rgb_array(image: Image.Image) -> np.ndarray:
@@ -159,7 +224,7 @@ def _display_or_error(path: Path, planes: np.ndarray, full_scale: float | None) 
 
 
 def _is_16bit_rgb(image: Image.Image) -> bool:
-    return image.mode == "RGB" and any(";16" in str(_rawmode(tile)) for tile in image.tile)
+    return image.mode == "RGB" and bool(image.tile) and all(_rawmode(tile) in _SWAPPED16 for tile in image.tile)
 
 
 def _rawmode(tile):
@@ -167,26 +232,25 @@ def _rawmode(tile):
     return args[0] if isinstance(args, tuple) else args
 
 
-def _read_raw_rgb16(file, image: Image.Image) -> np.ndarray | None:
-    """Uncompressed 16-bit RGB TIFF strips as an HxWx3 uint16 array (PIL would keep only the high bytes)."""
-    if image.format != "TIFF" or image.mode != "RGB" or not image.tile:
-        return None
-    strips = []
-    for tile in image.tile:
-        codec, extents, offset, args = tile
-        if codec != "raw" or not isinstance(args, tuple) or args[0] not in _RGB16_RAWMODES or args[1:] not in ((0, 1), ()):
-            return None
-        strips.append((extents, offset, _RGB16_RAWMODES[args[0]]))
-    width, height = image.size
-    out = np.empty((height, width, 3), dtype=np.uint16)
-    for (x0, y0, x1, y1), offset, dtype in strips:
-        count = (x1 - x0) * (y1 - y0) * 3
-        file.seek(offset)
-        values = np.fromfile(file, dtype=dtype, count=count)
-        if values.size != count:
-            raise EOFError("image file is truncated")
-        out[y0:y1, x0:x1] = values.reshape(y1 - y0, x1 - x0, 3)
+def _decode_rgb16(file, image: Image.Image) -> np.ndarray:
+    """A 16-bit RGB PNG or TIFF as an HxWx3 uint16 array: PIL's high bytes, then the low bytes by a swapped rawmode."""
+    image.load()
+    high = np.asarray(image)
+    file.seek(0)
+    with Image.open(file) as again:
+        again.tile = [_with_rawmode(tile, _SWAPPED16[_rawmode(tile)]) for tile in again.tile]
+        again.load()
+        low = np.asarray(again)
+    out = high.astype(np.uint16)
+    out <<= 8
+    out |= low
     return out
+
+
+def _with_rawmode(tile, rawmode: str):
+    args = tile.args if hasattr(tile, "args") else tile[3]
+    fields = (tile[0], tile[1], tile[2], (rawmode, *args[1:]) if isinstance(args, tuple) else rawmode)
+    return type(tile)(*fields) if hasattr(tile, "_fields") else fields  # a NamedTuple since Pillow 11
 
 
 def _decode_cause(err: BaseException) -> str:

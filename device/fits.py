@@ -39,13 +39,15 @@ shifted by ``XBAYROFF``/``YBAYROFF`` when present; the FITS bottom-up row order
 is not flipped, since a nebula's type does not depend on which way up it is.
 
 Large frames are binned (block mean) to about twice the model's content size
-before stretching: faster, and binning averages noise and dilutes hot pixels.
+as they are read, a strip of rows at a time: a 9576x6388 16-bit frame never
+exists in memory at full size, binning averages noise and dilutes hot pixels.
+A frame over the pixel limit is refused from its header alone.
 """
 
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -54,6 +56,7 @@ SHADOWS_CLIP_MADS = -2.8  # PixInsight's STF default
 WHITE_PERCENTILE = 99.99
 LINEAR_MEDIAN = 0.1
 CLIPPED_SHARE = 0.2  # a quarter of the pixels at exactly the minimum: a finished picture with a black sky
+_STRIP_BYTES = 4 * 2**20  # float32 bytes of stored rows read at once when binning on read
 _STATS_SAMPLES = 500_000  # robust statistics on a strided subsample: a 24 MP frame costs what 0.5 MP does
 _BAYER_PATTERNS = ("RGGB", "BGGR", "GRBG", "GBRG")
 _CALIBRATION_WORDS = ("dark", "flat", "bias")
@@ -68,50 +71,157 @@ class CalibrationFrame(Exception):
     """A dark, flat or bias frame: there is nothing to classify; the message is the reason."""
 
 
-def read_fits(path: str | Path, content_size=None) -> np.ndarray:
-    """Read the first image HDU of a FITS file as an HxWx3 uint8 RGB array (stretched if linear).
+def read_fits(source, content_size=None, max_pixels: int | None = None) -> np.ndarray:
+    """Read the first image HDU of a FITS file (a path or a binary file object) as HxWx3 uint8 RGB.
 
-    `content_size(width, height) -> (w, h)`, when given, lets large frames be binned
-    down to about twice the size the model needs before the stretch.
+    Everything is decided from the header before any pixel is read: the shape, the
+    pixel limit (`max_pixels`, of the stored width x height; also for tile-compressed
+    ``.fz``, whose header astropy presents with the image's size) and whether the file
+    holds the data its header declares. `content_size(width, height) -> (w, h)`, when
+    given, lets a large frame be binned to about twice the size the model needs as it
+    is read, a strip of rows at a time, so memory stays near the binned size whatever
+    the frame's.
     """
     from astropy.io import fits  # imported here: only FITS inputs pay for astropy
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            with fits.open(path, memmap=False, lazy_load_hdus=True) as hdus:
-                header, data = _first_image(hdus)
+            with fits.open(source, memmap=False, lazy_load_hdus=True) as hdus:
+                hdu = _first_image(hdus)
+                header = hdu.header
                 _refuse_calibration(header)
-                full_scale = _full_scale(data)
-                data = np.asarray(data, dtype=np.float32)
+                layout = _Layout.of(header)
+                _check_pixels(layout, max_pixels)
+                if _cut_short(caught):
+                    raise TruncatedFits("truncated FITS file (shorter than its header declares)")
+                factor = _bin_factor(layout.width, layout.height, content_size) if content_size else 1
+                planes, full_scale = _read_planes(hdu, layout, factor)
         except (FitsError, CalibrationFrame):
             raise
         except (OSError, ValueError, TypeError, IndexError, EOFError) as err:
-            if any("truncated" in str(w.message) for w in caught):
-                raise FitsError("truncated FITS file") from None
+            if _cut_short(caught) or isinstance(err, EOFError):
+                raise TruncatedFits("truncated FITS file") from None
             raise FitsError(f"not a readable FITS file ({_first_line(err)})") from None
-    if any("truncated" in str(w.message) for w in caught):
-        raise FitsError("truncated FITS file")
-    planes = _to_planes(data, header)
-    if content_size is not None:
-        planes = bin_to(planes, content_size)
+    if _cut_short(caught):
+        raise TruncatedFits("truncated FITS file")
     return to_display(planes, full_scale)
 
 
-def _full_scale(data: np.ndarray) -> float | None:
-    """The white of the stored format, to scale data that is already stretched."""
-    if data.dtype.kind in "ui" and data.dtype.itemsize <= 2:
-        return float(np.iinfo(data.dtype).max)
+class TruncatedFits(FitsError):
+    """The file holds less than its header declares: cut short, or still being written."""
+
+
+def _cut_short(caught) -> bool:
+    return any("truncated" in str(w.message) or "not multiple of 2880" in str(w.message) for w in caught)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How the pixels of an image HDU are stored, from its header alone."""
+
+    shape: tuple  # the data's numpy shape, leading length-1 axes dropped
+    kind: str  # "mono", "bayer", "planes_first" (3, H, W) or "planes_last" (H, W, 3)
+    stored_width: int
+    stored_height: int
+    pattern: str = ""
+    x_offset: int = 0
+    y_offset: int = 0
+
+    @property
+    def width(self) -> int:  # of the RGB planes: a Bayer mosaic's superpixels halve it
+        return self.stored_width // 2 if self.kind == "bayer" else self.stored_width
+
+    @property
+    def height(self) -> int:
+        return self.stored_height // 2 if self.kind == "bayer" else self.stored_height
+
+    @classmethod
+    def of(cls, header) -> "_Layout":
+        naxis = int(header.get("NAXIS", 0))
+        shape = tuple(int(header.get(f"NAXIS{i}", 0)) for i in range(naxis, 0, -1))
+        while len(shape) > 2 and shape[0] == 1:  # NAXIS3 = 1: a plain 2-D frame
+            shape = shape[1:]
+        if len(shape) == 2:
+            height, width = shape
+            pattern = str(header.get("BAYERPAT", "")).strip().upper()
+            kind = "mono" if pattern in ("", "NONE", "MONO") else "bayer"
+            if kind == "bayer" and pattern not in _BAYER_PATTERNS:
+                raise FitsError(f"unsupported BAYERPAT '{pattern}' (expected one of {', '.join(_BAYER_PATTERNS)})")
+            layout = cls(shape, kind, width, height, pattern if kind == "bayer" else "",
+                         int(header.get("XBAYROFF", 0) or 0), int(header.get("YBAYROFF", 0) or 0))
+        elif len(shape) == 3 and shape[0] == 3:  # FITS' usual NAXIS3 = 3: planes first
+            layout = cls(shape, "planes_first", shape[2], shape[1])
+        elif len(shape) == 3 and shape[2] == 3:
+            layout = cls(shape, "planes_last", shape[1], shape[0])
+        else:
+            raise FitsError(f"unsupported data shape {shape} (expected 2-D mono/Bayer or a 3-plane RGB cube)")
+        if layout.stored_width < 2 or layout.stored_height < 2:
+            raise FitsError(f"image is {layout.stored_width}x{layout.stored_height} pixels: too small to classify")
+        return layout
+
+    def planes(self, data: np.ndarray) -> np.ndarray:
+        """Stored rows (any number, even for Bayer) to (C, rows, W) float32 planes, C = 1 or 3."""
+        data = np.asarray(data, dtype=np.float32)
+        if self.kind == "mono":
+            return data[None]
+        if self.kind == "bayer":
+            return debayer_superpixel(data, self.pattern, self.x_offset, self.y_offset)
+        return data if self.kind == "planes_first" else np.moveaxis(data, 2, 0)
+
+
+def _check_pixels(layout: _Layout, max_pixels: int | None) -> None:
+    pixels = layout.stored_width * layout.stored_height
+    if max_pixels is not None and pixels > max_pixels:
+        raise FitsError(f"header declares {layout.stored_width}x{layout.stored_height} pixels ({pixels / 1e6:.1f} MP), "
+                        f"over the limit of {max_pixels / 1e6:.1f} MP (PIL.Image.MAX_IMAGE_PIXELS)")
+
+
+def _read_planes(hdu, layout: _Layout, factor: int) -> tuple[np.ndarray, float | None]:
+    """(C, H, W) float32 planes binned by `factor`, and the stored format's full scale."""
+    if factor == 1:
+        data = hdu.data
+        if data is None:
+            raise FitsError("no image data")
+        return layout.planes(np.asarray(data).reshape(layout.shape)), _full_scale(data.dtype, _peak(data))
+    rows_per_bin = factor * (2 if layout.kind == "bayer" else 1)  # stored rows per output row
+    out_h, out_w = layout.height // factor, layout.width // factor
+    out = np.empty((1 if layout.kind == "mono" else 3, out_h, out_w), dtype=np.float32)
+    row_bytes = rows_per_bin * layout.stored_width * (3 if layout.kind.startswith("planes") else 1) * 4
+    bins_per_read = max(1, _STRIP_BYTES // row_bytes)
+    section, peak, dtype = hdu.section, -np.inf, None
+    for first in range(0, out_h, bins_per_read):
+        last = min(out_h, first + bins_per_read)
+        rows = slice(first * rows_per_bin, last * rows_per_bin)
+        strip = section[:, rows, :] if layout.kind == "planes_first" else section[rows]
+        strip = strip.reshape((3, -1, layout.stored_width) if layout.kind == "planes_first" else (-1,) + layout.shape[1:])
+        dtype, peak = strip.dtype, max(peak, _peak(strip))
+        out[:, first:last] = _block_mean(layout.planes(strip), factor)[:, :, :out_w]
+    return out, _full_scale(dtype, peak)
+
+
+def _peak(data: np.ndarray) -> float:
+    if data.dtype.kind in "ui" or data.size == 0:
+        return -np.inf  # not needed: integers have a format full scale
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        peak = np.nanmax(data) if data.size else np.nan
+        return float(np.nanmax(data))
+
+
+def _full_scale(dtype: np.dtype, peak: float) -> float | None:
+    """The white of the stored format, to scale data that is already stretched."""
+    if dtype.kind in "ui" and dtype.itemsize <= 2:
+        return float(np.iinfo(dtype).max)
     return 1.0 if np.isfinite(peak) and 0 < peak <= 1.0 else None
 
 
 def _first_image(hdus):
+    """The first HDU whose header declares an image of at least two axes (no data is read)."""
     for hdu in hdus:
-        if hdu.is_image and hdu.header.get("NAXIS", 0) >= 2 and hdu.data is not None:
-            return hdu.header, hdu.data
+        header = hdu.header
+        naxis = int(header.get("NAXIS", 0))
+        if hdu.is_image and naxis >= 2 and all(int(header.get(f"NAXIS{i}", 0)) > 0 for i in range(1, naxis + 1)):
+            return hdu
     raise FitsError("no image HDU (only tables or empty headers)")
 
 
@@ -121,24 +231,6 @@ def _refuse_calibration(header) -> None:
     words = lowered.replace("_", " ").replace("-", " ").split()
     if any(word in lowered for word in _CALIBRATION_WORDS) or any(token in words for token in _CALIBRATION_TOKENS):
         raise CalibrationFrame(f"calibration frame, not a sky image (IMAGETYP = '{kind}')")
-
-
-def _to_planes(data: np.ndarray, header) -> np.ndarray:
-    """A (C, H, W) float32 array with C = 1 (mono) or 3 (RGB)."""
-    data = np.squeeze(data)
-    if data.ndim == 2:
-        pattern = str(header.get("BAYERPAT", "")).strip().upper()
-        if pattern in ("", "NONE", "MONO"):
-            return data[None]
-        if pattern not in _BAYER_PATTERNS:
-            raise FitsError(f"unsupported BAYERPAT '{pattern}' (expected one of {', '.join(_BAYER_PATTERNS)})")
-        return debayer_superpixel(data, pattern, int(header.get("XBAYROFF", 0) or 0), int(header.get("YBAYROFF", 0) or 0))
-    if data.ndim == 3:
-        if data.shape[0] == 3:  # FITS' usual NAXIS3 = 3: planes first
-            return data
-        if data.shape[2] == 3:
-            return np.moveaxis(data, 2, 0)
-    raise FitsError(f"unsupported data shape {data.shape} (expected 2-D mono/Bayer or a 3-plane RGB cube)")
 
 
 def debayer_superpixel(mosaic: np.ndarray, pattern: str, x_offset: int = 0, y_offset: int = 0) -> np.ndarray:
@@ -160,11 +252,19 @@ def debayer_superpixel(mosaic: np.ndarray, pattern: str, x_offset: int = 0, y_of
 def bin_to(planes: np.ndarray, content_size) -> np.ndarray:
     """Block-average (C, H, W) by the largest integer factor that keeps it at least twice `content_size`."""
     _, h, w = planes.shape
-    cw, ch = content_size(w, h)
-    factor = max(1, min(w // (2 * cw), h // (2 * ch)))
-    if factor == 1:
-        return planes
-    c, hb, wb = planes.shape[0], h // factor, w // factor
+    factor = _bin_factor(w, h, content_size)
+    return planes if factor == 1 else _block_mean(planes, factor)
+
+
+def _bin_factor(width: int, height: int, content_size) -> int:
+    cw, ch = content_size(width, height)
+    return max(1, min(width // (2 * cw), height // (2 * ch)))
+
+
+def _block_mean(planes: np.ndarray, factor: int) -> np.ndarray:
+    """(C, H, W) -> (C, H // factor, W // factor): the mean of each factor x factor block, NaNs ignored."""
+    c, h, w = planes.shape
+    hb, wb = h // factor, w // factor
     blocks = planes[:, : hb * factor, : wb * factor].reshape(c, hb, factor, wb, factor)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN block stays NaN, drawn black
@@ -180,7 +280,9 @@ def to_display(planes: np.ndarray, full_scale: float | None = None) -> np.ndarra
     finite_mask = np.isfinite(planes)
     finite = planes if finite_mask.all() else planes[finite_mask]
     if finite.size == 0:
-        raise FitsError("no finite pixels (all NaN)")
+        nans = int(np.isnan(planes).sum())
+        what = "all NaN" if nans == planes.size else "all infinite" if nans == 0 else "only NaN and infinite values"
+        raise FitsError(f"no finite pixels ({what})")
     sample = _subsample(finite)
     low, white = _range(sample, finite)
     if white <= low:
@@ -213,15 +315,6 @@ def _is_linear(sample: np.ndarray, low: float, full_scale: float) -> bool:
         return False
     median = float(np.median(sample)) - min(low, 0.0)
     return median / (full_scale - min(low, 0.0)) < LINEAR_MEDIAN and float(np.mean(sample <= low)) < CLIPPED_SHARE
-
-
-def looks_linear(values: np.ndarray, full_scale: float | None = None) -> bool:
-    """The linear-data test of `to_display` on its own (see the module docstring)."""
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return False
-    sample = _subsample(finite)
-    return _is_linear(sample, float(sample.min()), full_scale or float(finite.max()))
 
 
 def mtf(midtones: float, x):

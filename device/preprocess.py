@@ -2,12 +2,15 @@
 
 Training-time evaluation, the conversion checks and the Raspberry Pi all call
 `prepare`, so what the Pi feeds the model is exactly what training was scored on.
-The normalisation (x - 127) / 128 lives inside the model, so the input is raw
-RGB bytes and the int8 model's input quantization is (scale 1.0, zero point 0).
+The normalisation (x - mean) / std lives inside the model (its first layer is built
+from this spec), so the input is raw RGB bytes and the int8 model's input
+quantization is (scale 1.0, zero point 0). Each backbone in `nebula.train.backbones`
+carries its own spec; the run folder and the .tflite carry the model's.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -28,7 +31,10 @@ class PreprocessSpec:
     interpolation: str = "bilinear"
     color_order: str = "RGB"
     pad_value: int = 0
-    normalization: str = "(x - 127) / 128, inside the model"
+    # The model's first layer computes (x - mean) / std on raw RGB 0..255, the same for
+    # every channel. An integer mean keeps the int8 input path exact (see backbones.preprocess_layer).
+    mean: float = 127.0
+    std: float = 128.0
 
     def __post_init__(self):
         if self.resize_mode not in RESIZE_MODES:
@@ -37,14 +43,20 @@ class PreprocessSpec:
             raise ValueError(f"interpolation must be one of {tuple(_INTERPOLATIONS)}, not {self.interpolation!r}")
         if self.color_order != "RGB":
             raise ValueError("only RGB colour order is supported")
+        if not self.std > 0:
+            raise ValueError(f"std must be positive, not {self.std!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "PreprocessSpec":
+        """Read a spec written by to_dict, or an older one whose free-text `normalization` held mean and std."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        if "normalization" in data and "mean" not in data:
+            values["mean"], values["std"] = _parse_old_normalization(data["normalization"])
+        return cls(**values)
 
     def content_size(self, width: int, height: int) -> tuple[int, int]:
         """Size the image is resized to before padding ("fit") or cropping ("center_crop")."""
@@ -54,6 +66,17 @@ class PreprocessSpec:
         pick = max if self.resize_mode == "fit" else min
         scale = s / pick(width, height)
         return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+# What older files wrote, e.g. "(x - 127) / 128, inside the model".
+_OLD_NORMALIZATION = re.compile(r"^\(x - (\d+(?:\.\d+)?)\) / (\d+(?:\.\d+)?)\b")
+
+
+def _parse_old_normalization(text) -> tuple[float, float]:
+    match = _OLD_NORMALIZATION.match(str(text))
+    if not match:
+        raise ValueError(f"normalization {text!r} is not of the form '(x - MEAN) / STD'")
+    return float(match.group(1)), float(match.group(2))
 
 
 def prepare(image: Image.Image | np.ndarray, spec: PreprocessSpec) -> np.ndarray:

@@ -6,7 +6,11 @@ TensorFlow's own `tf.lite` (only present on a workstation install).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +23,18 @@ from nebula.device.modelfile import ModelFileError
 from nebula.device.preprocess import prepare
 
 UNKNOWN = "unknown"
+# Test-time augmentation: the sky has no "up", so the 8 symmetries of the square are views of one field.
+# `--tta N` averages the first N (1 = off); each costs one more invoke, nothing else.
+TTA_VIEWS = (
+    lambda x: x,
+    lambda x: x[:, ::-1],
+    lambda x: x[::-1, :],
+    lambda x: x[::-1, ::-1],
+    lambda x: x.transpose(1, 0, 2),
+    lambda x: np.rot90(x, 1),
+    lambda x: np.rot90(x, -1),
+    lambda x: x[::-1, ::-1].transpose(1, 0, 2),
+)
 
 _BACKENDS = (
     ("ai_edge_litert.interpreter", "ai-edge-litert"),
@@ -27,8 +43,40 @@ _BACKENDS = (
 )
 
 
+# What the runtime's C++ side prints on every start; kept in Classifier.runtime_notes instead (shown with -v).
+_ROUTINE_NOTES = ("INFO: Created TensorFlow Lite XNNPACK delegate",)
+
+
 class RuntimeMissing(Exception):
     pass
+
+
+@contextlib.contextmanager
+def _native_stderr_into(notes: list[str]):
+    """Collect what native code writes to file descriptor 2 meanwhile: routine notes into `notes`,
+    anything else back to stderr as it was (an error from the runtime is never hidden)."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to redirect (a daemon with fd 2 closed)
+        yield
+        return
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            text = capture.read().decode("utf-8", "replace")
+    for line in text.splitlines(keepends=True):
+        if line.startswith(_ROUTINE_NOTES):
+            notes.append(line.rstrip("\n"))
+        else:
+            sys.stderr.write(line)
+    sys.stderr.flush()
 
 
 def load_interpreter_class(prefer: str | None = None):
@@ -69,16 +117,22 @@ class Prediction:
 class Classifier:
     """A .tflite model file, loaded once: `classify(rgb)` prepares, invokes, ranks."""
 
-    def __init__(self, model_path: str | Path | None = None, num_threads: int | None = None, backend: str | None = None):
+    def __init__(self, model_path: str | Path | None = None, num_threads: int | None = None, backend: str | None = None,
+                 tta: int = 1):
+        if not 1 <= tta <= len(TTA_VIEWS):
+            raise ValueError(f"tta must be between 1 and {len(TTA_VIEWS)}, not {tta}")
+        self.tta = tta
         self.path = Path(model_path) if model_path else default_model_path()
         self.model = modelfile.read(self.path)
         self.labels = self.model.labels
         self.spec = self.model.preprocess
         self.sha256 = self.model.sha256
         Interpreter, self.backend = load_interpreter_class(backend)
+        self.runtime_notes: list[str] = []  # the runtime's routine INFO lines, for a verbose caller to show
         try:
-            self.interpreter = Interpreter(model_content=self.model.flatbuffer, num_threads=num_threads)
-            self.interpreter.allocate_tensors()
+            with _native_stderr_into(self.runtime_notes):
+                self.interpreter = Interpreter(model_content=self.model.data, num_threads=num_threads)
+                self.interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as err:
             raise ModelFileError(f"{self.path}: the runtime cannot load it ({err})") from None
         (inp,) = self.interpreter.get_input_details()
@@ -105,18 +159,27 @@ class Classifier:
             return (raw.astype(np.float32) - self._output_zero) * np.float32(self._output_scale)
         return raw.astype(np.float32)
 
+    def invoke_views(self, image: np.ndarray) -> np.ndarray:
+        """`invoke`, averaged over the first `tta` symmetric views of the prepared image (one invoke when tta is 1)."""
+        if self.tta == 1:
+            return self.invoke(image)
+        return np.mean([self.invoke(view(image)) for view in TTA_VIEWS[: self.tta]], axis=0)
+
     def classify(self, rgb, top_k: int | None = None, threshold: float = 0.0) -> Prediction:
         """Classify one RGB image of any size (PIL image or HxWx3 uint8 array); top_k/threshold as `Prediction`'s."""
         t0 = time.perf_counter()
         image = prepare(rgb, self.spec)
+        preprocess_ms = (time.perf_counter() - t0) * 1e3
+        prediction = self.classify_prepared(image, top_k, threshold)
+        prediction.timings_ms = {"preprocess": preprocess_ms, **prediction.timings_ms}
+        return prediction
+
+    def classify_prepared(self, image: np.ndarray, top_k: int | None = None, threshold: float = 0.0) -> Prediction:
+        """Invoke and rank one image `prepare` already made: the part of `classify` that needs the interpreter."""
         t1 = time.perf_counter()
-        probs = self.invoke(image)
+        probs = self.invoke_views(image)
         t2 = time.perf_counter()
         prediction = Prediction.from_probabilities(probs, self.labels, top_k, threshold)
         t3 = time.perf_counter()
-        prediction.timings_ms = {
-            "preprocess": (t1 - t0) * 1e3,
-            "invoke": (t2 - t1) * 1e3,
-            "postprocess": (t3 - t2) * 1e3,
-        }
+        prediction.timings_ms = {"invoke": (t2 - t1) * 1e3, "postprocess": (t3 - t2) * 1e3}
         return prediction

@@ -12,17 +12,20 @@ Bound to 127.0.0.1 unless a host is given.
   the results log's, classified by the same `classify_file` as ``nebula classify``, or
   ``{"error": "..."}`` with a 4xx status.
 
-Uploads: at most `max_upload` bytes (413 beyond); the type is checked by content
-(the magic bytes of `nebula.device.formats`; 415 otherwise); the bytes are written only
-to a private temporary folder (``tempfile.mkdtemp``: mode 0700) under a fixed name,
-decoded in-process (never handed to a shell), and deleted at once. The page puts
+Uploads: at most `max_upload` bytes (413 beyond); at most ``max_uploads`` at once
+(503 with ``Retry-After`` beyond); the body is streamed (`nebula.device.upload`) to
+a private temporary folder (``tempfile.mkdtemp``: mode 0700) under a fixed name,
+never held in memory; a client silent for ``upload_timeout_s`` gets 408; the type
+is checked by content (the magic bytes of `nebula.device.formats`; 415 otherwise);
+the file is decoded in-process by the decoder every input uses (the same pixel
+limit; never handed to a shell), and deleted at once. Other methods get 405 with
+``Allow``, and every answer, http.server's own errors included, is JSON. The page puts
 every text in with ``textContent``, so nothing from a file name or a model label
 is ever parsed as HTML.
 """
 
 from __future__ import annotations
 
-import email.message
 import io
 import json
 import shutil
@@ -31,6 +34,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -42,11 +46,13 @@ import numpy as np
 
 from nebula.device import formats, review_page
 from nebula.device.config import RunConfig
+from nebula.device.upload import Body, UploadError, content_length, receive
 
 MAX_UPLOAD = 25 * 1024 * 1024
 _DRAIN_FACTOR = 4  # read and discard a too-large body up to 4x the limit, so the client sees the 413
 _PREVIEW_MAX_SIDE = 800
-_CHUNK = 64 * 1024
+_RETRY_AFTER_S = 5  # what a client told 503 (all upload slots busy) should wait
+_ALLOWED = {"/api/classify": "POST"}  # every other page: GET, HEAD
 
 _STATIC = {
     "/": ("templates/index.html", "text/html; charset=utf-8"),
@@ -64,50 +70,6 @@ _SECURITY_HEADERS = {
 
 class WebServerError(Exception):
     """The page cannot be served (the port is taken, the address is not ours); one line."""
-
-
-class UploadError(Exception):
-    """A bad upload: `status` is the HTTP status, str() the message shown to the user."""
-
-    def __init__(self, status: HTTPStatus, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-def _header_param(value: str, header: str, param: str) -> str | None:
-    message = email.message.Message()
-    message[header] = value
-    return message.get_param(param, header=header) if param != "filename" else message.get_filename()
-
-
-def parse_multipart(body: bytes, content_type: str, field: str = "image") -> tuple[str, bytes]:
-    """(filename, bytes) of the file part named `field` (else the first part with a filename)."""
-    boundary = _header_param(content_type, "content-type", "boundary")
-    if not boundary:
-        raise UploadError(HTTPStatus.BAD_REQUEST, "multipart upload without a boundary")
-    delimiter = b"\r\n--" + boundary.encode("latin-1")
-    segments = (b"\r\n" + body).split(delimiter)
-    found = None
-    for segment in segments[1:]:
-        if segment.startswith(b"--"):
-            break
-        head, separator, content = segment.partition(b"\r\n\r\n")
-        if not separator:
-            raise UploadError(HTTPStatus.BAD_REQUEST, "malformed multipart upload (a part without headers)")
-        disposition = next(
-            (line.split(b":", 1)[1].decode("utf-8", "replace").strip()
-             for line in head.split(b"\r\n") if line.lower().startswith(b"content-disposition:")),
-            "",
-        )
-        name = _header_param(disposition, "content-disposition", "name")
-        filename = _header_param(disposition, "content-disposition", "filename")
-        if name == field or (found is None and filename is not None):
-            found = (filename or "upload", content)
-            if name == field:
-                break
-    if found is None:
-        raise UploadError(HTTPStatus.BAD_REQUEST, f"no file in the upload: send it in the '{field}' field")
-    return found
 
 
 def _display_name(filename: str) -> str:
@@ -170,37 +132,54 @@ class LiveState:
 
 
 class WebApp:
-    """What the request handler needs: the model (behind a lock), the live state, the limits."""
+    """What the request handler needs: the model (behind a lock), the live state, the limits.
+
+    `max_uploads` uploads are received and classified at once (a semaphore): each costs
+    a file of at most `max_upload` bytes in its private folder and one decode, so
+    memory is bounded by `max_uploads` decodes whatever the load; more get 503.
+    The decodes run on a pool of `max_uploads` long-lived threads, not on the
+    request's own new thread: glibc gives threads their own malloc arenas, and a
+    decode on every new thread would leave its freed megabytes in yet another
+    arena (measured here with a throwaway script: 24 decodes of an 8 MB PNG, two
+    at a time, grew the peak RSS by 151 MB on fresh threads, 55 MB on a pool of two).
+    """
 
     def __init__(self, classifier, state: LiveState | None = None, lock: threading.Lock | None = None,
                  max_upload: int = MAX_UPLOAD, threshold: float = RunConfig.threshold, top_k: int = RunConfig.top_k,
+                 max_uploads: int = RunConfig.max_uploads, upload_timeout_s: float = RunConfig.upload_timeout_s,
                  review=None):
         self.classifier = classifier
         self.state = state or LiveState()
         self.lock = lock or threading.Lock()
         self.max_upload, self.threshold, self.top_k = max_upload, threshold, top_k
         self.review = review  # a nebula.device.review.ReviewQueue, or None: the review view says it is off
+        self.upload_slots = threading.BoundedSemaphore(max_uploads)
+        self.max_uploads, self.upload_timeout_s = max_uploads, upload_timeout_s
+        self._decoders = ThreadPoolExecutor(max_workers=max_uploads, thread_name_prefix="nebula-decode")
+
+    def close(self) -> None:
+        self._decoders.shutdown(wait=True)
 
     def model_info(self) -> dict:
         return {"labels": self.classifier.labels, "sha256": self.classifier.sha256, "name": Path(self.classifier.path).name}
 
-    def classify_upload(self, filename: str, data: bytes) -> dict:
-        """Check, decode and classify one uploaded photo; raises UploadError with a clear message."""
+    def classify_upload(self, filename: str, path: Path) -> dict:
+        """Check, decode and classify one uploaded photo, received at `path`; raises UploadError with a clear message."""
         from nebula.device.classify import classify_file
 
         name = _display_name(filename)
-        if not data:
+        with open(path, "rb") as file:
+            head = file.read(formats.HEAD_BYTES)
+        if not head:
             raise UploadError(HTTPStatus.BAD_REQUEST, f"{name}: empty upload")
-        kind = formats.by_content(data[: formats.HEAD_BYTES])
+        kind = formats.by_content(head)
         if kind is None:
             raise UploadError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"{name}: not a {formats.names_text()} image (checked by content)")
-        folder = tempfile.mkdtemp(prefix="nebula-upload-")  # mode 0700: private to this user
-        try:
-            path = Path(folder, "upload" + kind.suffixes[0])
-            path.write_bytes(data)
-            result = classify_file(self.classifier, path, top_k=self.top_k, threshold=self.threshold, lock=self.lock)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+        typed = path.with_name("upload" + kind.suffixes[0])  # the decoder knows FITS by name too
+        path.rename(typed)
+        # The same decoder as every input: the same pixel limit, binning and one-line errors.
+        result = self._decoders.submit(classify_file, self.classifier, typed, top_k=self.top_k, threshold=self.threshold,
+                                       lock=self.lock).result()
         if result.skipped is not None:
             raise UploadError(HTTPStatus.UNPROCESSABLE_ENTITY, f"{name}: not classified: {result.skipped}")
         if result.error is not None:
@@ -215,27 +194,44 @@ class WebApp:
 
 class _Handler(BaseHTTPRequestHandler):
     server_version = "nebula-classifier"
-    timeout = 60  # a stalled client does not hold a thread forever
 
     @property
     def app(self) -> WebApp:
         return self.server.app
 
+    def setup(self):
+        self.timeout = self.app.upload_timeout_s  # the socket's: a client silent this long is dropped (408 mid-upload)
+        super().setup()
+
     def log_message(self, format, *args):  # noqa: A002 - the base class's name
         pass  # the page polls every two seconds: no access log on the Pi's SD card
 
-    def _send(self, status: int, body: bytes, content_type: str) -> None:
+    def _send(self, status: int, body: bytes, content_type: str, headers: dict | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
-        for key, value in _SECURITY_HEADERS.items():
+        for key, value in {**_SECURITY_HEADERS, **(headers or {})}.items():
             self.send_header(key, value)
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _json(self, status: int, payload: dict) -> None:
-        self._send(status, json.dumps(payload).encode("utf-8"), "application/json")
+    def _json(self, status: int, payload: dict, headers: dict | None = None) -> None:
+        self._send(status, json.dumps(payload).encode("utf-8"), "application/json", headers)
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (a bad request line, an unknown method) as JSON, like every other answer."""
+        self.close_connection = True
+        try:
+            phrase = HTTPStatus(code).phrase
+        except ValueError:
+            phrase = "error"
+        self._json(code, {"error": message or phrase})
+
+    def _not_allowed(self, path: str):
+        allowed = _ALLOWED.get(path, "GET, HEAD")
+        return self._json(HTTPStatus.METHOD_NOT_ALLOWED, {"error": f"{self.command} is not allowed on {path}: use {allowed}"},
+                          {"Allow": allowed})
 
     def do_GET(self):  # noqa: N802 - http.server's naming
         path = urlsplit(self.path).path
@@ -252,55 +248,79 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(HTTPStatus.OK, data, "image/jpeg")
         if path.startswith(review_page.PREFIXES):
             return self._send(*review_page.get(self.app.review, self.app.classifier.labels, path))
+        if path in _ALLOWED:
+            return self._not_allowed(path)
         return self._json(HTTPStatus.NOT_FOUND, {"error": f"no such page: {path}"})
+
+    do_HEAD = do_GET
+
+    def _refuse_method(self):
+        path = urlsplit(self.path).path
+        self.close_connection = True  # a body we do not read may follow
+        if path in _ALLOWED or path in _STATIC or path in ("/api/latest", "/latest.jpg"):
+            return self._not_allowed(path)
+        return self._json(HTTPStatus.NOT_FOUND, {"error": f"no such page: {path}"})
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse_method
 
     def do_POST(self):  # noqa: N802
         path = urlsplit(self.path).path
         if path.startswith("/api/review/"):
-            return self._send(*review_page.post(self.app.review, self.app.classifier.labels, path, self.headers, self.rfile))
+            status, body, content_type = review_page.post(self.app.review, self.app.classifier.labels, path, self.headers, self.rfile)
+            self.close_connection = self.close_connection or status >= 400  # a refused request's body may be unread
+            return self._send(status, body, content_type)
         if path != "/api/classify":
-            return self._json(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint: {path}"})
+            return self._refuse_method()
+        if not self.app.upload_slots.acquire(blocking=False):
+            return self._busy()
         try:
-            filename, data = self._read_upload()
-            result = self.app.classify_upload(filename, data)
+            status, payload = self._receive_and_classify()
+        finally:
+            self.app.upload_slots.release()
+        return self._json(status, payload)
+
+    def _receive_and_classify(self) -> tuple[int, dict]:
+        """(status, JSON answer) for the upload in this request; its folder is gone before the answer is sent."""
+        body = None
+        folder = Path(tempfile.mkdtemp(prefix="nebula-upload-"))  # mode 0700: private to this user
+        try:
+            body = Body(self.rfile, content_length(self.headers, self.app.max_upload), self.app.upload_timeout_s)
+            received = folder / "upload.part"
+            filename = receive(body, self.headers.get("Content-Type", ""), received, self.headers.get("X-Filename", "upload"))
+            return HTTPStatus.OK, self.app.classify_upload(filename, received)
         except UploadError as err:
-            return self._json(err.status, {"error": str(err)})
+            self._after_refusal(err, body)
+            return err.status, {"error": str(err)}
         except Exception as err:  # noqa: BLE001 - the server must go on; the client and the log get one line
+            self.close_connection = True
             print(f"web: upload failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
-            return self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error ({type(err).__name__})"})
-        return self._json(HTTPStatus.OK, result)
+            return HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error ({type(err).__name__})"}
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
-    def _read_upload(self) -> tuple[str, bytes]:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self.close_connection = True
-            raise UploadError(HTTPStatus.LENGTH_REQUIRED, "send the upload with a Content-Length (chunked is not accepted)")
+    def _after_refusal(self, err: UploadError, body: Body | None) -> None:
+        """A body left unread ends the connection; a too-large one is read away first (up to a bound), so the client sees the 413."""
+        if body is not None and body.left == 0:
+            return
+        self.close_connection = True
+        if err.status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
+            declared = int(self.headers.get("Content-Length", "0"))
+            if declared <= _DRAIN_FACTOR * self.app.max_upload:
+                try:
+                    Body(self.rfile, declared, self.app.upload_timeout_s).discard()
+                except UploadError:
+                    pass  # the client stopped or left: it gets the 413 if it still listens
+
+    def _busy(self):
+        """Every upload slot is taken: 503 with Retry-After, after reading the body away (no memory: chunk by chunk)."""
         try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
+            Body(self.rfile, content_length(self.headers, self.app.max_upload), self.app.upload_timeout_s).discard()
+        except UploadError:
             self.close_connection = True
-            raise UploadError(HTTPStatus.LENGTH_REQUIRED, "the upload needs a Content-Length header") from None
-        limit = self.app.max_upload
-        if length > limit:
-            self.close_connection = True
-            if length <= _DRAIN_FACTOR * limit:
-                self._discard(length)
-            raise UploadError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                              f"upload too large: {length / 2**20:.1f} MB, the limit is {limit / 2**20:.0f} MB")
-        body = self.rfile.read(length)
-        if len(body) != length:
-            raise UploadError(HTTPStatus.BAD_REQUEST, f"upload cut short: {len(body)} of {length} bytes arrived")
-        content_type = self.headers.get("Content-Type", "")
-        if content_type.lower().startswith("multipart/form-data"):
-            return parse_multipart(body, content_type)
-        return self.headers.get("X-Filename", "upload"), body
-
-    def _discard(self, length: int) -> None:
-        left = length
-        while left > 0:
-            chunk = self.rfile.read(min(_CHUNK, left))
-            if not chunk:
-                return
-            left -= len(chunk)
+        return self._json(HTTPStatus.SERVICE_UNAVAILABLE,
+                          {"error": f"busy: {self.app.max_uploads} upload{'s' if self.app.max_uploads != 1 else ''} "
+                                    f"already in progress (the limit); try again in {_RETRY_AFTER_S} s"},
+                          {"Retry-After": str(_RETRY_AFTER_S)})
 
 
 class _Server(ThreadingHTTPServer):
@@ -324,6 +344,7 @@ class RunningServer:
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join(timeout=5)
+        self.httpd.app.close()
 
 
 def make_server(classifier, host: str = "127.0.0.1", port: int = 8080, **app_options) -> _Server:

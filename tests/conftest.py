@@ -63,16 +63,56 @@ def tiny_keras_classifier():
 
 
 @pytest.fixture(scope="session")
-def tiny_model_file(tmp_path_factory, tiny_keras_classifier) -> Path:
-    """A self-describing int8 .tflite of the tiny classifier (labels: emission, reflection, other)."""
+def tiny_flatbuffer(tiny_keras_classifier) -> tuple[bytes, dict]:
+    """(flatbuffer, manifest): the tiny classifier as the converter gives it, before anything is added."""
     from nebula.convert.quantize import io_quantization, quantize_int8
-    from nebula.device import modelfile
     from nebula.device.preprocess import prepare
 
     model, spec = tiny_keras_classifier
     representative = [prepare(sky_image(label, seed=1000 + i), spec) for label in TINY_LABELS for i in range(20)]
     flatbuffer = quantize_int8(model, representative)
     manifest = {"preprocess": spec.to_dict(), **io_quantization(flatbuffer), "backbone": "tiny", "run": {"name": "tiny-fixture"}}
+    return flatbuffer, manifest
+
+
+@pytest.fixture(scope="session")
+def tiny_model_file(tmp_path_factory, tiny_flatbuffer) -> Path:
+    """A self-describing int8 .tflite of the tiny classifier (labels: emission, reflection, other)."""
+    from nebula.convert.tflite_metadata import add_metadata
+    from nebula.device import modelfile
+
+    flatbuffer, manifest = tiny_flatbuffer
     path = tmp_path_factory.mktemp("model") / "tiny.tflite"
-    path.write_bytes(modelfile.embed(flatbuffer, TINY_LABELS, manifest))
+    path.write_bytes(modelfile.embed(add_metadata(flatbuffer, TINY_LABELS, manifest), TINY_LABELS, manifest))
     return path
+
+
+@pytest.fixture(scope="session")
+def mediapipe_venv(tmp_path_factory) -> Path:
+    """Where the slow MediaPipe tests keep the venv they share (made on first use, 650 MB)."""
+    return tmp_path_factory.mktemp("venv") / "mediapipe"
+
+
+@pytest.fixture(scope="session")
+def tiny_old_model_file(tmp_path_factory, tiny_flatbuffer) -> Path:
+    """The tiny classifier as `nebula convert` wrote it before standard TFLite metadata (see embed_the_old_way)."""
+    flatbuffer, manifest = tiny_flatbuffer
+    path = tmp_path_factory.mktemp("old-model") / "old.tflite"
+    path.write_bytes(embed_the_old_way(flatbuffer, TINY_LABELS, manifest))
+    return path
+
+
+def embed_the_old_way(flatbuffer: bytes, labels: list[str], manifest: dict) -> bytes:
+    """Model files before standard metadata: no TFLITE_METADATA entry, and a deflated zip made on its own
+    and concatenated after the flatbuffer (its offsets count from the zip's start, not the file's)."""
+    import hashlib
+    import io
+    import json
+    import zipfile
+
+    manifest = {**manifest, "format": "nebula-classifier/1", "labels": list(labels), "sha256": hashlib.sha256(flatbuffer).hexdigest()}
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("labels.txt", "".join(f"{label}\n" for label in labels))
+        zf.writestr("manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
+    return flatbuffer + archive.getvalue()

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from nebula.cli import cli
@@ -26,14 +27,24 @@ def test_tiny_bench_reports_every_stage(tiny_model_file, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["images"] == 4 and report["frame_size"] == [320, 240]
+    assert report["camera_frame_size"] == [32, 24]  # the model's content size: what the Pi camera's lores stream delivers
     assert report["model_bytes"] == tiny_model_file.stat().st_size and report["input_size"] == 32
     assert set(report["threads"]) == {"1", "2"}
     for stats in report["threads"].values():
-        for stage in (*STAGES, "bare_invoke"):
+        for stage in STAGES:
             assert 0 < stats[stage]["median_ms"] <= stats[stage]["p90_ms"], stage
-        assert stats["end_to_end_over_bare_invoke"] > 0
-    assert 0 < report["peak_rss_mb"] and report["peak_rss_device_only"] is True
-    for words in ("decode", "bare invoke", "e2e / bare", "peak RSS"):
+        assert stats["files_over_bare_invoke"] > 0 and stats["camera_frames_over_bare_invoke"] > 0
+    memory = report["memory"]
+    assert 0 < report["peak_rss_mb"] == memory["peak_rss_mb"] and report["peak_rss_device_only"] is True
+    steps = [step["step"] for step in memory["steps"]]
+    assert steps[:3] == ["Python", "numpy", "Pillow"] and steps[-1] == "one image classified"
+    assert sum(step["added_mb"] for step in memory["steps"]) == pytest.approx(memory["steps"][-1]["rss_mb"], abs=0.1 * len(steps))
+    assert memory["peak_rss_mb"] >= memory["steps"][-1]["rss_mb"] - 0.1
+    # astropy is imported for FITS only, and then it costs.
+    assert memory["astropy_loaded_for_jpeg"] is False and memory["astropy_loaded_for_fits"] is True
+    assert memory["fits_peak_rss_mb"] > memory["peak_rss_mb"] and memory["cli_peak_rss_mb"] > 0
+    for words in ("decode", "per image", "camera frame", "bare invoke", "files / bare", "camera / bare", "peak RSS",
+                  "model loaded", "nebula classify", "FITS"):
         assert words in result.stdout
 
 

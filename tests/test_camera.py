@@ -1,6 +1,7 @@
 """Frame sources: colour conversions on known pixels, the picamera2 source against a fake
 object with picamera2's interface, and the watched folder (complete files only, once)."""
 
+import os
 import threading
 import time
 
@@ -247,6 +248,7 @@ def _png_bytes(label="emission", seed=0) -> bytes:
 
 
 def _watch(root, **kw):
+    kw = {"settle_s": 0, "truncated_grace_s": 0, **kw}  # two polls of stability, as a fast writer needs
     source = WatchFolder(root, poll_s=0.01, **kw)
     source.open(SPEC)
     return source
@@ -331,3 +333,91 @@ def test_already_done_keys_are_not_taken_again_but_a_rewritten_file_is(tmp_path)
 def test_watching_a_missing_folder_is_one_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such folder to watch"):
         WatchFolder(tmp_path / "nope").open(SPEC)
+
+
+def _frames_until(source, count, timeout=20):
+    """The first `count` frames of a watched folder, stopping the source after `timeout` seconds at most."""
+    timer = threading.Timer(timeout, source.stop)
+    timer.start()
+    try:
+        frames = source.frames()
+        got = []
+        for frame in frames:
+            got.append(frame)
+            if len(got) == count:
+                break
+        frames.close()
+        return got
+    finally:
+        timer.cancel()
+
+
+def _fits_bytes() -> bytes:
+    import io
+
+    from astropy.io import fits as astrofits
+
+    buffer = io.BytesIO()
+    data = (1000 + 300 * np.random.default_rng(0).random((96, 128))).astype(np.uint16)
+    astrofits.PrimaryHDU(data).writeto(buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("name,data", [("M42.png", _png_bytes()), ("M42.fits", _fits_bytes())])
+def test_a_writer_that_pauses_between_chunks_gets_one_line_the_result(tmp_path, name, data):
+    path = tmp_path / name
+
+    def write_in_pauses():
+        for i in range(0, len(data), len(data) // 3 + 1):
+            with open(path, "ab") as file:  # closed between chunks, so the open-file check cannot see it
+                file.write(data[i : i + len(data) // 3 + 1])
+            time.sleep(0.4)  # longer than settle_s: each pause looks complete
+
+    writer = threading.Thread(target=write_in_pauses)
+    writer.start()
+    source = _watch(tmp_path, settle_s=0.1, truncated_grace_s=3)
+    frames = _frames_until(source, 1)
+    writer.join()
+    assert [(f.error, f.rgb is not None) for f in frames] == [(None, True)]
+    assert frames[0].metadata["size"] == len(data)
+
+
+def test_an_empty_file_gets_a_line_once_it_has_stayed_empty(tmp_path):
+    (tmp_path / "empty.fits").write_bytes(b"")
+    source = _watch(tmp_path, truncated_grace_s=0.3)
+    t0 = time.monotonic()
+    frames = _frames_until(source, 1)
+    assert [f.error for f in frames] == ["empty file (0 bytes)"]
+    assert time.monotonic() - t0 >= 0.3
+
+
+def test_the_same_folder_through_a_symlink_is_not_classified_again(tmp_path):
+    real = tmp_path / "captures"
+    real.mkdir()
+    (real / "a.png").write_bytes(_png_bytes())
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)
+    first = _watch(real)
+    (frame,) = _frames_until(first, 1)
+    assert frame.path == real / "a.png" and frame.rgb is not None
+    again = _watch(tmp_path / "link", done=first.done)
+    assert again.poll() == [] and again.poll() == []
+    # A log written before keys were resolved names the file through the link: still the same capture.
+    stat = (real / "a.png").stat()
+    old = _watch(real, done={(str(tmp_path / "link" / "a.png"), stat.st_size, stat.st_mtime_ns)})
+    assert old.poll() == [] and old.poll() == []
+
+
+def test_broken_symlinks_and_fifos_in_the_folder_get_a_line_each_once(tmp_path):
+    (tmp_path / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")
+    (tmp_path / "l1.jpg").symlink_to(tmp_path / "l2.jpg")
+    (tmp_path / "l2.jpg").symlink_to(tmp_path / "l1.jpg")
+    os.mkfifo(tmp_path / "pipe.fits")
+    (tmp_path / "good.png").write_bytes(_png_bytes())
+    source = _watch(tmp_path)
+    frames = _frames_until(source, 5)
+    by_name = {f.path.name: f for f in frames}
+    assert by_name["gone.jpg"].error == "dangling symlink (its target does not exist)"
+    assert by_name["l1.jpg"].error == by_name["l2.jpg"].error == "symlink loop (too many levels of symbolic links)"
+    assert by_name["pipe.fits"].error == "not an image file: a FIFO (named pipe)"
+    assert by_name["good.png"].rgb is not None
+    assert source.poll() == [] and source.poll() == []

@@ -223,3 +223,78 @@ def test_files_from_reads_paths_one_per_line(tiny_model_file, tmp_path):
 def test_no_paths_at_all_is_a_usage_error(tiny_model_file):
     result = CliRunner().invoke(cli, ["classify", "--model", str(tiny_model_file)])
     assert result.exit_code == 2 and "--files-from" in result.output
+
+
+# --- bad inputs: each gets one line, the good ones are still classified -------------------------
+
+
+def _nebula(*args, timeout=120):
+    """`nebula ...` in a fresh process (a hang fails the test instead of stopping it)."""
+    return subprocess.run([sys.executable, "-m", "nebula", *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_file_open_errors_are_one_line_each_and_the_run_goes_on(tmp_path, tiny_model_file):
+    good = tmp_path / "good.jpg"
+    Image.fromarray(sky_image("emission", size=96, seed=5000)).save(good, quality=95)
+    os.symlink(tmp_path / "l2.jpg", tmp_path / "l1.jpg")
+    os.symlink(tmp_path / "l1.jpg", tmp_path / "l2.jpg")
+    os.mkfifo(tmp_path / "f.jpg")
+    long_name = tmp_path / ("n" * 300 + ".jpg")
+    (tmp_path / "list.txt").write_text(f"{tmp_path / 'l1.jpg'}\n{good}\n")
+    done = _nebula("classify", "--model", tiny_model_file, "--format", "jsonl", tmp_path / "l1.jpg", good / "x.jpg",
+                   long_name, tmp_path / "f.jpg", good, "--files-from", tmp_path / "list.txt")
+    assert done.returncode == 1, done.stderr
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r.get("label") is not None for r in records] == [False, False, False, False, True, False, True]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        f"error: {tmp_path / 'l1.jpg'}: symlink loop (too many levels of symbolic links)",
+        f"error: {good / 'x.jpg'}: not a file path (a part of it is a file, not a folder)",
+        f"error: {long_name}: file name too long",
+        f"error: {tmp_path / 'f.jpg'}: not an image file: a FIFO (named pipe)",
+        f"error: {tmp_path / 'l1.jpg'}: symlink loop (too many levels of symbolic links)",
+    ]
+    assert "Traceback" not in done.stderr and "XNNPACK" not in done.stderr
+    assert done.stderr.splitlines()[-1] == "5 of 7 inputs failed"
+
+
+def test_verbose_shows_the_runtimes_info_line_once(captures, tiny_model_file):
+    done = _nebula("classify", "-v", "--model", tiny_model_file, captures / "m42", captures / "m45")
+    assert done.returncode == 0, done.stderr
+    assert [line for line in done.stderr.splitlines() if "XNNPACK" in line] == [
+        "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."]
+
+
+def test_a_folder_without_images_next_to_other_inputs_gets_an_error_line(captures, tmp_path, tiny_model_file):
+    empty = tmp_path / "empty_night"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("clouds")
+    result = _invoke(empty, captures / "m42", "--model", tiny_model_file)
+    assert result.exit_code == 1
+    assert f"error: {empty}: no images found in this folder (no JPEG, PNG, TIFF or FITS files)" in result.stderr
+    assert len(result.stdout.splitlines()) == 1 + 3  # the header and m42's three images
+
+
+def test_broken_symlinks_and_fifos_inside_a_folder_each_get_a_line(captures, tiny_model_file):
+    os.symlink(captures / "deleted.jpg", captures / "m42" / "gone.jpg")
+    os.symlink(captures / "m42" / "b.png", captures / "m42" / "a.png")
+    os.symlink(captures / "m42" / "a.png", captures / "m42" / "b.png")
+    os.mkfifo(captures / "m42" / "pipe.fits")
+    result = _invoke(captures / "m42", "--model", tiny_model_file, "--format", "jsonl")
+    errors = {Path(r["file"]).name: r["error"] for r in map(json.loads, result.stdout.splitlines()) if "error" in r}
+    assert errors == {"gone.jpg": "dangling symlink (its target does not exist)",
+                      "a.png": "symlink loop (too many levels of symbolic links)",
+                      "b.png": "symlink loop (too many levels of symbolic links)",
+                      "pipe.fits": "not an image file: a FIFO (named pipe)"}
+    assert result.exit_code == 1
+
+
+def test_a_newline_in_a_file_name_does_not_break_the_table_or_the_error_line(tmp_path, tiny_model_file):
+    odd = tmp_path / "M42\nlast night.png"
+    Image.fromarray(sky_image("emission", size=96, seed=5000)).save(odd)
+    (tmp_path / "cut\n.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    result = _invoke(odd, tmp_path / "cut\n.png", "--model", tiny_model_file)
+    header, row = result.stdout.splitlines()
+    assert row.endswith("M42\\nlast night.png") and row.split()[0] == "emission"
+    assert result.stderr.splitlines()[0].startswith(f"error: {tmp_path}/cut\\n.png: ")

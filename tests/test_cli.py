@@ -4,6 +4,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import click
 import pytest
@@ -112,3 +113,14 @@ def test_train_options_are_the_train_config_fields(monkeypatch, tmp_path):
 def test_cli_does_not_import_tensorflow():
     code = "import sys, nebula.cli; sys.exit(any(m.split('.')[0] in ('tensorflow', 'keras') for m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_models_folder_keeps_its_readme_and_ignores_what_make_writes():
+    """models/README.md is in the tree; what `make train/convert/bench` writes there is not."""
+    repo = Path(__file__).resolve().parents[1]
+    if not (repo / ".git").exists():
+        pytest.skip("not a git checkout")
+    generated = ["models/nebula.tflite", "models/labels.txt", "models/manifest.json", "models/bench.json", "models/runs/main/model.keras"]
+    check = subprocess.run(["git", "check-ignore", "--no-index", *generated, "models/README.md"], cwd=repo, capture_output=True, text=True)
+    assert check.stdout.split() == generated
+    assert (repo / "models" / "README.md").is_file()

@@ -62,8 +62,22 @@ def test_explicit_config_replaces_the_default_files(tmp_path):
     assert files == [explicit] and config.top_k == 2 and config.smooth == 5
 
 
+def test_the_reliability_settings_come_from_the_file(tmp_path):
+    path = tmp_path / "night.toml"
+    path.write_text("log_fsync_s = 0\nlog_max_mb = 2.5\nlog_keep = 3\n[watch]\nsettle_s = 5\ntruncated_grace_s = 120\n"
+                    "[web]\nmax_uploads = 1\nupload_timeout_s = 4\n")
+    config, _ = resolve(_none_given(), path, env=_env(tmp_path))
+    assert (config.log_fsync_s, config.log_max_mb, config.log_keep) == (0.0, 2.5, 3)
+    assert (config.settle_s, config.truncated_grace_s, config.max_uploads, config.upload_timeout_s) == (5.0, 120.0, 1, 4.0)
+    for text, message in (("log_keep = 0\n", "log_keep must be at least 1"), ("[web]\nmax_uploads = 0\n", "max_uploads must be at least 1")):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            resolve(_none_given(), path, env=_env(tmp_path))
+
+
 @pytest.mark.parametrize("text,message", [
     ("smoth = 3\n", "unknown setting 'smoth'"),
+
     ("smooth = 'three'\n", "smooth must be int, not str"),
     ("[web]\nenabled = 1\n", "web must be bool, not int"),
     ("threshold = [\n", "not valid TOML"),

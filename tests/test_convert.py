@@ -1,6 +1,7 @@
 """nebula convert: a tiny real run -> a gated, self-describing int8 model the device reads."""
 
 import json
+import re
 import zipfile
 from pathlib import Path
 
@@ -32,6 +33,7 @@ def test_convert_writes_a_model_that_describes_itself(tiny_run, tmp_path):
     assert "top-1 agreement" in result.output
     model = modelfile.read(out)
     assert model.labels == sorted(TINY_LABELS) or set(model.labels) == set(TINY_LABELS)
+    assert b"TFLITE_METADATA" in model.flatbuffer  # the standard metadata, for other runtimes (test_tflite_metadata.py)
     manifest = model.manifest
     assert manifest["backbone"] == "tiny" and manifest["run"]["snap_weights"] is True
     assert manifest["input"]["dtype"] == "uint8" and manifest["input"]["scale"] == pytest.approx(1.0)
@@ -88,6 +90,18 @@ def test_old_tflite_runtime_gives_the_same_answers(tiny_model_file, tmp_path):
     (venv / ".nebula-ready").write_text("stale\n")
     ensure_venv(venv)
     assert (venv / ".nebula-ready").read_text().strip() == project_fingerprint()
+
+
+@pytest.mark.slow
+def test_convert_checks_its_model_with_mediapipe(tiny_run, mediapipe_venv, tmp_path, monkeypatch):
+    from nebula.convert import mediapipe_check
+
+    monkeypatch.setattr(mediapipe_check, "DEFAULT_VENV", mediapipe_venv)
+    out = tmp_path / "nebula.tflite"
+    result = CliRunner().invoke(cli, ["convert", str(tiny_run), "--out", str(out), "--representative", "20", "--force", "--check-mediapipe"])
+    assert result.exit_code == 0, result.output
+    test_images = modelfile.read(out).manifest["metrics"]["test_images"]
+    assert re.search(rf"MediaPipe vs nebula classify: same top-1 for \d+ of {test_images} images", result.output), result.output
 
 
 def test_project_fingerprint_follows_the_device_code(tmp_path):

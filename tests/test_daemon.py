@@ -107,7 +107,8 @@ def _png(path, label="emission", seed=0):
 
 def _run_watch_until(classifier, root, log, expected_lines, timeout=20, **kw):
     """Run the daemon on a watched folder in a thread until the log has `expected_lines`, then stop it."""
-    source = WatchFolder(root, poll_s=0.02, done=processed_files(log))
+    # The files are written whole before the daemon starts: short waits for stability and for cut-short files.
+    source = WatchFolder(root, poll_s=0.02, done=processed_files(log), settle_s=0.05, truncated_grace_s=0.2)
     daemon = _daemon(classifier, source, log, **kw)
     thread = threading.Thread(target=daemon.run)
     thread.start()
@@ -242,3 +243,22 @@ def test_soak_10000_fake_frames_keeps_memory_flat(tiny_model_file, tmp_path):
     assert report["count"] == frames and report["errors"] == frames // 97 and report["history"] == 30
     assert sum(1 for _ in open(tmp_path / "soak.jsonl")) == frames
     assert growth_mib < 20
+
+
+def test_a_rotated_log_still_remembers_every_capture_across_a_restart(tiny_model_file, tmp_path):
+    """`nebula run` settings: a tiny log_max_mb rotates after every line, log_keep=1 drops the old lines."""
+    root, log = tmp_path / "captures", tmp_path / "results.jsonl"
+    for i in range(5):
+        _png(root / f"M42_{i:03d}.png", "emission", seed=i)
+    config = RunConfig(source="watch", watch_dir=str(root), model=str(tiny_model_file), log=str(log), poll_s=0.02,
+                       settle_s=0.05, log_max_mb=0.0005, log_keep=1, log_fsync_s=0, max_frames=5)
+    assert run(config, announce=lambda line: None).count == 5
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("results.jsonl")) == [
+        "results.jsonl", "results.jsonl.1", "results.jsonl.done"]
+    assert len(_lines(log)) + len(_lines(tmp_path / "results.jsonl.1")) < 5  # some lines are gone with the dropped file
+    # A restart classifies only the new capture: the dropped lines' captures are still known.
+    _png(root / "M42_005.png", "emission", seed=5)
+    config.max_frames = 1
+    assert run(config, announce=lambda line: None).count == 1
+    assert Path(_lines(log)[-1]["file"]).name == "M42_005.png"
+    assert len(processed_files(log)) == 6

@@ -363,3 +363,275 @@ def test_fits_is_recognised_by_content_and_large_frames_are_binned(tmp_path):
     assert rgb.shape == (96, 128, 3)  # binned 5x: still twice the 64x48 the model needs
     red, green, blue = centre(rgb)
     assert red > green + 40
+
+
+# ---------------------------------------------------------------- file-open errors: one line, never a hang
+
+
+def _good_jpeg(tmp_path):
+    path = tmp_path / "good.jpg"
+    path.write_bytes(_jpeg_bytes())
+    return path
+
+
+def _one_line_error(path, cause):
+    with pytest.raises(ImageError) as err:
+        load_image(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    assert cause in err.value.cause, message
+    return err.value
+
+
+def test_a_symlink_loop_is_one_line(tmp_path):
+    os.symlink(tmp_path / "l2.jpg", tmp_path / "l1.jpg")
+    os.symlink(tmp_path / "l1.jpg", tmp_path / "l2.jpg")
+    _one_line_error(tmp_path / "l1.jpg", "symlink loop")
+
+
+def test_a_dangling_symlink_is_one_line(tmp_path):
+    os.symlink(tmp_path / "gone.jpg", tmp_path / "link.jpg")
+    _one_line_error(tmp_path / "link.jpg", "dangling symlink")
+
+
+def test_a_path_through_a_file_and_a_name_too_long_are_one_line(tmp_path):
+    good = _good_jpeg(tmp_path)
+    _one_line_error(good / "x.jpg", "a part of it is a file")
+    _one_line_error(tmp_path / ("n" * 300 + ".jpg"), "file name too long")
+    assert load_image(good).shape == (64, 64, 3)
+
+
+def test_a_fifo_named_like_a_jpeg_is_refused_without_waiting_for_a_writer(tmp_path):
+    import threading
+
+    fifo = tmp_path / "f.jpg"
+    os.mkfifo(fifo)
+    outcome = []
+
+    def classify():
+        try:
+            load_image(fifo)
+        except ImageError as err:
+            outcome.append(err.cause)
+
+    worker = threading.Thread(target=classify, daemon=True)
+    worker.start()
+    worker.join(timeout=10)
+    if worker.is_alive():  # it blocked in open(): release it before failing
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(timeout=5)
+        pytest.fail("load_image blocked on a FIFO")
+    assert outcome == ["not an image file: a FIFO (named pipe)"]
+
+
+def test_a_character_device_is_refused(tmp_path):
+    if not os.path.exists("/dev/zero"):
+        pytest.skip("no /dev/zero")
+    _one_line_error("/dev/zero", "not an image file: a character device")
+
+
+@pytest.mark.parametrize(
+    "name,content,incomplete",
+    [
+        ("empty.jpg", b"", True),
+        ("cut.jpg", _jpeg_bytes()[:600], True),
+        ("cut.png", _png_bytes()[:400], True),
+        ("notes.jpg", b"not a picture\n" * 20, False),
+    ],
+)
+def test_files_cut_short_are_told_apart_from_broken_ones(tmp_path, name, content, incomplete):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ImageError) as err:
+        load_image(tmp_path / name)
+    assert isinstance(err.value, decode.IncompleteImage) == incomplete
+
+
+def test_a_fits_shorter_than_its_header_declares_is_incomplete(tmp_path):
+    whole = write_fits(tmp_path / "whole.fits", linear_frame()[0]).read_bytes()
+    for size in (1000, 2880, len(whole) - 5000):  # in the header, right after it, in the data
+        (tmp_path / "cut.fits").write_bytes(whole[:size])
+        with pytest.raises(decode.IncompleteImage, match="truncated FITS"):
+            load_image(tmp_path / "cut.fits")
+
+
+# ---------------------------------------------------------------- FITS: the pixel limit and binning on read
+
+
+def _header_only_fits(path, width, height, bitpix=16, sparse=True):
+    """A FITS header declaring width x height; with `sparse`, the file is extended to the full size with a hole."""
+    header = astrofits.Header([("SIMPLE", True), ("BITPIX", bitpix), ("NAXIS", 2), ("NAXIS1", width), ("NAXIS2", height)])
+    block = header.tostring().encode("ascii")
+    with open(path, "wb") as file:
+        file.write(block)
+        if sparse:
+            file.truncate(len(block) + width * height * abs(bitpix) // 8)
+    return path
+
+
+def _peak_traced_mb(function):
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        function()
+        return tracemalloc.get_traced_memory()[1] / 2**20
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_sparse_fits_declaring_900_megapixels_is_refused_from_its_header(tmp_path):
+    path = _header_only_fits(tmp_path / "sparse.fits", 30000, 30000)  # 1.8 GB on paper, a few KB on disk
+    assert path.stat().st_size > 1.8e9
+
+    def decode_it():
+        with pytest.raises(ImageError, match=r"declares 30000x30000 pixels \(900.0 MP\), over the limit of 89.5 MP"):
+            load_image(path, PreprocessSpec(input_size=224))
+
+    assert _peak_traced_mb(decode_it) < 20  # reading the data would take 1.8 GB as int16, 3.6 GB as float32
+
+
+def test_a_tile_compressed_fits_is_limited_by_its_declared_image_size(tmp_path):
+    small = tmp_path / "small.fits.fz"
+    astrofits.HDUList([astrofits.PrimaryHDU(), astrofits.CompImageHDU(linear_frame()[0])]).writeto(small)
+    data = small.read_bytes()
+    for axis in (b"ZNAXIS1", b"ZNAXIS2"):  # the same header declaring a 20000 x 20000 image
+        at = data.index(axis.ljust(8) + b"=")
+        data = data[:at] + f"{axis.decode():<8}= {20000:>20}".ljust(80).encode("ascii") + data[at + 80:]
+    (tmp_path / "huge.fits.fz").write_bytes(data)
+    with pytest.raises(ImageError, match=r"declares 20000x20000 pixels \(400.0 MP\), over the limit"):
+        load_image(tmp_path / "huge.fits.fz", PreprocessSpec(input_size=224))
+    assert load_image(small).shape == (120, 160, 3)
+
+
+def test_the_fits_pixel_limit_is_pils_setting(tmp_path, monkeypatch):
+    path = write_fits(tmp_path / "frame.fits", linear_frame()[0])  # 160 x 120 = 19200 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 19200)
+    assert load_image(path).shape == (120, 160, 3)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 19199)
+    with pytest.raises(ImageError, match="over the limit"):
+        load_image(path)
+
+
+@pytest.mark.parametrize("kind", ["mono", "bayer", "planes_first", "planes_last"])
+def test_binning_on_read_gives_the_picture_of_binning_after(tmp_path, kind):
+    cube = linear_frame(height=300, width=400, seed=5).astype(np.float32)
+    cube[:, 7, 11] = np.nan  # NaNs are ignored by the block means in both
+    if kind == "mono":
+        data, header = cube[0], {}
+    elif kind == "bayer":
+        data, header = _mosaic(cube, "GRBG"), {"BAYERPAT": "GRBG"}
+    else:
+        data, header = (cube, {}) if kind == "planes_first" else (np.moveaxis(cube, 0, 2), {})
+    path = write_fits(tmp_path / f"{kind}.fits", data, **header)
+    spec = PreprocessSpec(input_size=32)
+    full = load_image(path)  # no spec: read whole, no binning
+    assert full.shape[:2] == ((150, 200) if kind == "bayer" else (300, 400))
+    planes = data[None] if kind == "mono" else fits.debayer_superpixel(data, "GRBG") if kind == "bayer" else cube
+    expected = fits.to_display(fits.bin_to(planes.astype(np.float32), spec.content_size), full_scale=None)
+    binned = load_image(path, spec)
+    assert binned.shape == expected.shape and binned.shape[1] >= 64
+    assert np.abs(binned.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_a_large_frame_is_decoded_in_a_few_megabytes(tmp_path):
+    frame = np.random.default_rng(0).normal(1000, 20, (3000, 4000)).astype(np.uint16)  # 24 MB as stored
+    path = write_fits(tmp_path / "large.fits", frame)
+    del frame
+    shape = []
+    peak = _peak_traced_mb(lambda: shape.append(load_image(path, PreprocessSpec(input_size=224)).shape))
+    assert shape == [(375, 500, 3)]  # binned 8x: still twice the 224 x 168 the model needs
+    # Strips of at most 4 MB of float32 rows plus their block means; reading the frame whole was 24 + 48 MB.
+    assert peak < 16, f"{peak:.1f} MB"
+
+
+@pytest.mark.parametrize(
+    "data,cause",
+    [
+        (np.full((20, 20), np.inf, np.float32), "no finite pixels (all infinite)"),
+        (np.where(np.eye(20, dtype=bool), np.nan, np.inf).astype(np.float32), "only NaN and infinite values"),
+        (np.ones((1, 1), np.float32), "image is 1x1 pixels: too small to classify"),
+        (np.ones((1, 50), np.float32), "image is 50x1 pixels: too small to classify"),
+    ],
+)
+def test_fits_without_finite_pixels_or_too_small_says_which(tmp_path, data, cause):
+    _one_line_error(write_fits(tmp_path / "bad.fits", data), cause)
+
+
+# ---------------------------------------------------------------- 16-bit RGB PNG and TIFF keep 16 bits
+
+
+def write_png16(path, array):
+    """A 16-bit RGB PNG (PIL cannot write one), rows filtered with Sub so the decoder's unfiltering is exercised."""
+    height, width, _ = array.shape
+    rows = np.ascontiguousarray(array, dtype=">u2").view(np.uint8).reshape(height, width * 6).astype(np.int16)
+    sub = rows.copy()
+    sub[:, 6:] -= rows[:, :-6]
+    raw = b"".join(b"\x01" + (row % 256).astype(np.uint8).tobytes() for row in sub)
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    return path
+
+
+def test_16bit_rgb_png_and_tiff_keep_their_16_bits_into_the_stretch(tmp_path):
+    import tifffile
+
+    cube = linear_frame(seed=2)  # offset 1000 + faint glow: all in the low byte's range for a 16 -> 8 bit cut
+    reference = load_image(write_fits(tmp_path / "ref.fits", cube))  # FITS reads every bit
+    hwc = np.moveaxis(cube, 0, 2)
+    tifffile.imwrite(tmp_path / "deflate.tif", hwc, photometric="rgb", compression="zlib")
+    tifffile.imwrite(tmp_path / "big_endian.tif", hwc, photometric="rgb", byteorder=">")
+    for path in (write_png16(tmp_path / "rgb16.png", hwc), write_tiff16(tmp_path / "raw.tif", hwc),
+                 tmp_path / "deflate.tif", tmp_path / "big_endian.tif"):
+        assert (load_image(path) == reference).all(), path.name
+
+
+def test_16bit_rgb_is_binned_before_the_stretch_with_a_spec(tmp_path):
+    hwc = np.moveaxis(linear_frame(height=480, width=640), 0, 2)
+    rgb = load_image(write_png16(tmp_path / "big16.png", hwc), PreprocessSpec(input_size=64))
+    assert rgb.shape == (96, 128, 3)
+    red, green, blue = centre(rgb)
+    assert red > green + 40 and red > blue + 40
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the peak RSS from Linux /proc")
+def test_a_9576x6388_frame_decodes_within_a_small_pis_memory(tmp_path):
+    """An IMX455 full frame (9576 x 6388, 16 bit: 122 MB on disk): peak RSS of a fresh process decoding it.
+
+    Read whole, it took 0.8 GB (uint16 data, a float32 copy, the binning's copies); binned on
+    read in 4 MB strips, the peak is the imports (numpy, PIL, astropy: about 60 MB) plus a few strips.
+    """
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(0)
+    frame = (1000 + rng.normal(0, 20, (6388, 9576))).astype(np.uint16)
+    path = write_fits(tmp_path / "imx455.fits", frame)
+    del frame
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent (pytest, with TensorFlow loaded).
+    code = ("import sys; from nebula.device.decode import load_image; from nebula.device.preprocess import PreprocessSpec; "
+            "shape = load_image(sys.argv[1], PreprocessSpec(input_size=224)).shape; "
+            "print(shape, next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    shape, peak_kb = done.stdout.rsplit(" ", 1)
+    print(f"peak RSS decoding a 9576x6388 uint16 FITS: {int(peak_kb) / 1024:.0f} MB")
+    assert shape == "(304, 456, 3)"  # binned 21x
+    assert int(peak_kb) / 1024 < 120
+
+
+@pytest.mark.parametrize("size,decoded", [((1024, 768), (256, 192)), ((2000, 1500), (250, 188)), ((300, 200), (300, 200))])
+def test_jpeg_decodes_at_the_smallest_dct_scale_not_below_the_model_input(tmp_path, size, decoded):
+    """PIL's draft: 1/2, 1/4 or 1/8 of the file, the smallest that still covers the 224 px content (224x168 for 4:3)."""
+    path = tmp_path / "frame.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path, quality=90)
+    spec = PreprocessSpec(input_size=224)
+    rgb = load_image(path, spec)
+    assert (rgb.shape[1], rgb.shape[0]) == decoded
+    content = spec.content_size(*size)
+    assert rgb.shape[1] >= content[0] and rgb.shape[0] >= content[1]
+    assert load_image(path).shape[:2] == (size[1], size[0])  # without a spec, the full picture

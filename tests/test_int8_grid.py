@@ -14,7 +14,8 @@ def mini_lite(seed: int = 0):
     from nebula.train.efficientnet_lite import inverted_residual_chain
 
     keras.utils.set_random_seed(seed)
-    model = inverted_residual_chain("mini", ((1, 3, 1, 6, 8),), 32, backbones.preprocess_layer(), stem_filters=8, head_filters=16)
+    spec = backbones.get("efficientnet_lite0").preprocess
+    model = inverted_residual_chain("mini", ((1, 3, 1, 6, 8),), 32, backbones.preprocess_layer(spec), stem_filters=8, head_filters=16)
     rng = np.random.default_rng(seed)
     for _, bn in int8_grid.folded_kernels(model):
         n = bn.moving_variance.shape[0]

@@ -9,6 +9,7 @@ import pytest
 from conftest import TINY_LABELS, sky_image
 from nebula.device import modelfile
 from nebula.device.modelfile import ModelFileError
+from nebula.device.preprocess import prepare
 from nebula.device.runtime import UNKNOWN, Classifier
 
 
@@ -73,3 +74,44 @@ def test_labels_that_do_not_match_the_outputs_are_refused(tiny_model_file, tmp_p
     bad.write_bytes(modelfile.embed(model.flatbuffer, TINY_LABELS + ["dark"], {k: v for k, v in model.manifest.items() if k not in ("labels", "sha256", "format")}))
     with pytest.raises(ModelFileError, match="3 outputs but 4 labels"):
         Classifier(bad)
+
+
+def test_the_runtimes_routine_info_line_is_kept_not_printed(tiny_model_file):
+    import subprocess
+    import sys
+
+    # A fresh process: the runtime prints its XNNPACK line only for the first interpreter of a process.
+    code = "import sys; from nebula.device.runtime import Classifier; print(Classifier(sys.argv[1]).runtime_notes)"
+    done = subprocess.run([sys.executable, "-c", code, str(tiny_model_file)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "XNNPACK" not in done.stderr
+    assert "INFO: Created TensorFlow Lite XNNPACK delegate" in done.stdout
+
+
+def test_anything_else_the_runtime_prints_still_reaches_stderr(capfd):
+    import os
+
+    from nebula.device.runtime import _native_stderr_into
+
+    notes = []
+    with _native_stderr_into(notes):
+        os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\nERROR: something real\n")
+    assert notes == ["INFO: Created TensorFlow Lite XNNPACK delegate for CPU."]
+    assert capfd.readouterr().err == "ERROR: something real\n"
+
+
+def test_tta_averages_symmetric_views_and_one_view_is_the_plain_invoke(tiny_model_file):
+    from nebula.device.runtime import TTA_VIEWS, Classifier
+
+    plain, tta = Classifier(tiny_model_file), Classifier(tiny_model_file, tta=4)
+    image = prepare(sky_image("emission", seed=3), plain.spec)
+    assert np.array_equal(plain.invoke_views(image), plain.invoke(image))
+    expected = np.mean([plain.invoke(view(image)) for view in TTA_VIEWS[:4]], axis=0)
+    assert np.allclose(tta.invoke_views(image), expected)
+    marked = np.zeros((8, 8, 3), np.uint8)
+    marked[0, 1] = 255  # one pixel off every axis of symmetry: the 8 views of it are 8 different images
+    views = [view(marked) for view in TTA_VIEWS]
+    assert len({v.tobytes() for v in views}) == 8
+    assert all(v.sum() == marked.sum() and v.shape == marked.shape for v in views)  # each view moves pixels, keeps them
+    with pytest.raises(ValueError, match="tta"):
+        Classifier(tiny_model_file, tta=9)

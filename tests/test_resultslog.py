@@ -1,0 +1,104 @@
+"""The results log: durable lines, rotation that never splits one, and the watched folder's memory across rotations."""
+
+import json
+import os
+import time
+
+import pytest
+
+from nebula.device import resultslog
+from nebula.device.resultslog import ResultsLog, log_files, processed_files
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _capture(folder, name, size):
+    path = folder / name
+    path.write_bytes(b"x" * size)
+    stat = path.stat()
+    return {"file": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "label": "emission", "note": "n" * (size % 50)}
+
+
+def test_rotation_never_splits_a_line_and_keeps_every_line_in_order(tmp_path):
+    log = ResultsLog(tmp_path / "results.jsonl", fsync_s=0, max_bytes=1000, keep=50)
+    records = [{"frame": i, "label": "other", "pad": "p" * (i * 7 % 90)} for i in range(200)]
+    for record in records:
+        log.write(record)
+    log.close()
+    files = log_files(tmp_path / "results.jsonl")
+    assert len(files) > 10
+    for path in files:
+        assert path.stat().st_size <= 1000 and path.read_bytes().endswith(b"\n")
+    assert [line for path in files for line in _lines(path)] == records
+
+
+def test_rotation_keeps_at_most_keep_files(tmp_path):
+    log = ResultsLog(tmp_path / "r.jsonl", fsync_s=0, max_bytes=300, keep=2)
+    for i in range(100):
+        log.write({"frame": i, "pad": "p" * 40})
+    log.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.jsonl", "r.jsonl.1", "r.jsonl.2"]
+    assert _lines(tmp_path / "r.jsonl")[-1]["frame"] == 99
+
+
+def test_captures_are_remembered_across_rotations_while_they_exist(tmp_path):
+    captures = tmp_path / "captures"
+    captures.mkdir()
+    log = ResultsLog(tmp_path / "r.jsonl", fsync_s=0, max_bytes=400, keep=1)
+    records = [_capture(captures, f"M{i}.fits", 100 + i) for i in range(30)]
+    for record in records:
+        log.write(record)
+    log.close()
+    # Most lines are gone with the rotated files that were dropped, but every capture is still known.
+    assert sum(len(_lines(p)) for p in (tmp_path / "r.jsonl", tmp_path / "r.jsonl.1")) < 30
+    expected = {(r["file"], r["size"], r["mtime_ns"]) for r in records}
+    assert processed_files(tmp_path / "r.jsonl") == expected
+    # A capture deleted from the folder is not carried on: the memory is no larger than the folder.
+    os.unlink(records[0]["file"])
+    log = ResultsLog(tmp_path / "r.jsonl", fsync_s=0, max_bytes=400, keep=1)
+    for i in range(10):
+        log.write({"frame": i, "pad": "p" * 100})
+    log.close()
+    assert processed_files(tmp_path / "r.jsonl") == expected - {(records[0]["file"], records[0]["size"], records[0]["mtime_ns"])}
+
+
+def test_every_line_is_fsynced_when_asked(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(resultslog.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    log = ResultsLog(tmp_path / "r.jsonl", fsync_s=0)
+    for i in range(5):
+        log.write({"frame": i})
+    assert len(synced) == 5
+    log.close()
+
+
+def test_lines_are_fsynced_within_fsync_s_even_if_no_line_follows(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(resultslog.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    log = ResultsLog(tmp_path / "r.jsonl", fsync_s=0.2)
+    for i in range(10):
+        log.write({"frame": i})
+    assert synced == []  # batched
+    deadline = time.monotonic() + 5
+    while not synced and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(synced) == 1  # one fsync for the ten lines, without an eleventh write
+    log.close()
+
+
+def test_a_line_cut_by_a_power_cut_does_not_spoil_the_next(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"file": "/a.png", "size": 1, "mtime_ns": 2}\n{"file": "/b.png", "si')
+    log = ResultsLog(path, fsync_s=0)
+    log.write({"file": "/c.png", "size": 3, "mtime_ns": 4})
+    log.close()
+    assert processed_files(path) == {("/a.png", 1, 2), ("/c.png", 3, 4)}
+
+
+def test_bad_settings_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="keep at least 1"):
+        ResultsLog(tmp_path / "r.jsonl", keep=0)
