@@ -30,7 +30,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 ARCSEC_PER_RADIAN = 206264.806
 DISAGREE_MIN_DEG = 0.5  # header RA/DEC further than max(this, the field) from the WCS centre: warn
@@ -388,6 +388,31 @@ def _read_header_blocks(file) -> bytes | None:
     return None
 
 
+def fits_headers(file) -> Iterator[dict]:
+    """Each HDU's header of an open binary FITS file, in order, skipping the data between them."""
+    first = True
+    while True:
+        data = _read_header_blocks(file)
+        if data is None:
+            if first:
+                raise ValueError("no complete FITS header")
+            return
+        if first and not data.startswith(b"SIMPLE  ="):
+            raise ValueError("not a FITS file (no SIMPLE card)")
+        first = False
+        header = parse_header_cards(data)
+        yield header
+        naxis = int(header.get("NAXIS") or 0)
+        cells = 1
+        for axis in range(1, naxis + 1):
+            cells *= int(header.get(f"NAXIS{axis}") or 0)
+        size = abs(int(header.get("BITPIX") or 8)) // 8 * int(header.get("GCOUNT") or 1) \
+            * ((cells if naxis else 0) + int(header.get("PCOUNT") or 0))
+        skip = -(-size // _BLOCK) * _BLOCK
+        if skip and len(file.read(skip)) < skip:
+            return
+
+
 def read_fits_header(path: str | Path) -> tuple[dict, tuple[int, int] | None]:
     """The header of a FITS file's first image HDU (a tile-compressed one too) and that image's (width, height).
 
@@ -399,30 +424,13 @@ def read_fits_header(path: str | Path) -> tuple[dict, tuple[int, int] | None]:
     path = Path(path)
     with open(path, "rb") as raw:
         gzipped = raw.read(2) == b"\x1f\x8b"
-    opener = gzip.open if gzipped else open
-    with opener(path, "rb") as file:
-        first = True
-        while True:
-            data = _read_header_blocks(file)
-            if data is None:
-                raise ValueError("no complete FITS header" if first else "no image HDU")
-            if first and not data.startswith(b"SIMPLE  ="):
-                raise ValueError("not a FITS file (no SIMPLE card)")
-            first = False
-            header = parse_header_cards(data)
-            naxis = int(header.get("NAXIS") or 0)
+    with (gzip.open if gzipped else open)(path, "rb") as file:
+        for header in fits_headers(file):
             if header.get("ZIMAGE") is True and header.get("ZNAXIS1"):
                 return header, (int(header["ZNAXIS1"]), int(header.get("ZNAXIS2") or 1))
-            if naxis >= 2 and header.get("XTENSION", "IMAGE") == "IMAGE":
+            if int(header.get("NAXIS") or 0) >= 2 and header.get("XTENSION", "IMAGE") == "IMAGE":
                 return header, (int(header["NAXIS1"]), int(header["NAXIS2"]))
-            size = abs(int(header.get("BITPIX") or 8)) // 8 * int(header.get("GCOUNT") or 1)
-            cells = 1
-            for axis in range(1, naxis + 1):
-                cells *= int(header.get(f"NAXIS{axis}") or 0)
-            size *= (cells if naxis else 0) + int(header.get("PCOUNT") or 0)
-            skip = -(-size // _BLOCK) * _BLOCK
-            if skip and len(file.read(skip)) < skip:
-                raise ValueError("no image HDU")
+    raise ValueError("no image HDU")
 
 
 def position_of_file(path: str | Path) -> HeaderPosition:
