@@ -92,7 +92,7 @@ def solve(path: str | Path, field_hint_deg: tuple[float, float] | None = None, n
             output, _ = process.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             _kill_group(process)
-            return SolveResult(reason=f"not solved: timeout after {timeout_s:.0f} s", stars=_source_count(work))
+            return SolveResult(reason=f"not solved: timeout after {timeout_s:g} s", stars=_source_count(work))
         stars = _source_count(work)
         wcs = work / "solution.wcs"
         if wcs.is_file():
