@@ -41,6 +41,27 @@ def top_k_option(what: str = "listed per image"):
     return click.option("--top-k", type=click.IntRange(1), help=f"Candidates {what} [default: {RunConfig.top_k}].")
 
 
+def catalog_options(function):
+    """--catalog, --solve, --catalog-file: where a file points and what the catalogs say is there."""
+    function = click.option("--catalog-file", type=click.Path(dir_okay=False),
+                            help="Sky catalog file [default: $NEBULA_CATALOG or models/skycatalog.npz; 'nebula catalog build'].")(function)
+    function = click.option("--solve/--no-solve", default=None,
+                            help="Plate-solve files whose header has no position (astrometry.net; implies --catalog) [default: no].")(function)
+    return click.option("--catalog/--no-catalog", default=None,
+                        help="Read each FITS header's position and add the catalog's objects there, and whether "
+                             "the model agrees with the catalog [default: no].")(function)
+
+
+def _identifier(config):
+    """The catalog look-up a configuration asks for; what cannot work here is said once, on stderr."""
+    from nebula.device.identify import Identifier
+
+    identifier = Identifier.from_config(config)
+    for problem in identifier.problems() if identifier else ():
+        click.echo(f"warning: {problem}", err=True)
+    return identifier
+
+
 def config_option(what: str = ""):
     return click.option("--config", "config_file", type=click.Path(dir_okay=False),
                         help=f"TOML config file{what} [default: /etc/nebula-classifier/config.toml, "
@@ -56,9 +77,14 @@ def config_option(what: str = ""):
 @click.option("--format", "fmt", type=click.Choice(["table", "jsonl", "csv"]), default="table", show_default=True,
               help="table for people, jsonl for programs, csv for spreadsheets.")
 @num_threads_option
-@config_option(" (its model, num_threads, threshold and top_k)")
+@catalog_options
+@click.option("--annotate-fits", "annotate_dir", type=click.Path(file_okay=False),
+              help="Write a copy of each classified FITS file into this folder with the answers in its header "
+                   "(NEBLABEL, NEBCATOB, NEBAGREE, ...); the original is never modified.")
+@config_option(" (its model, num_threads, threshold, top_k and [catalog])")
 @formats.in_help
-def classify(paths, files_from, model, top_k, threshold, fmt, num_threads, config_file):
+def classify(paths, files_from, model, top_k, threshold, fmt, num_threads, catalog, solve, catalog_file, annotate_dir,
+             config_file):
     """Classify photographs: files or folders (recursive); {formats}.
 
     Linear FITS and 16-bit TIFF data are auto-stretched first; dark, flat and
@@ -66,9 +92,14 @@ def classify(paths, files_from, model, top_k, threshold, fmt, num_threads, confi
     that cannot be read gets one error line and the run goes on. Exit code 1
     if any image failed, 2 if there is no usable model.
 
+    With --catalog, the position in a FITS header (WCS, RA/DEC, OBJCTRA/OBJCTDEC)
+    is looked up in the sky catalog: the object there, its catalog label, and
+    whether the model agrees; --solve plate-solves files without one.
+
     \b
     Examples:
       nebula classify ~/captures/M42.fits captures/2024-11-02/ --format jsonl
+      nebula classify capture.fits --catalog --solve --annotate-fits annotated/
       find ~/captures -name '*.fits' -mmin -60 | nebula classify --files-from -
     """
     from nebula.device.classify import ResultWriter, classify_paths
@@ -78,11 +109,15 @@ def classify(paths, files_from, model, top_k, threshold, fmt, num_threads, confi
     if not paths:
         raise click.UsageError("give image files or folders, or --files-from FILE")
 
-    config, _ = _run_config({"model": model, "top_k": top_k, "threshold": threshold, "num_threads": num_threads}, config_file)
+    flags = {"model": model, "top_k": top_k, "threshold": threshold, "num_threads": num_threads,
+             "catalog": catalog, "solve": solve, "catalog_file": catalog_file}
+    config, _ = _run_config(flags, config_file)
     classifier = _classifier(config.model, config.num_threads)
+    identifier = _identifier(config)
     writer = ResultWriter(fmt, classifier.sha256, classifier.labels, config.top_k)
     seen = failed = 0
-    for result in classify_paths(classifier, paths, top_k=config.top_k, threshold=config.threshold):
+    for result in classify_paths(classifier, paths, top_k=config.top_k, threshold=config.threshold,
+                                 identifier=identifier, annotate_dir=annotate_dir):
         writer.write(result)
         seen += 1
         failed += result.failed
@@ -182,6 +217,7 @@ def port_option(what: str = "Web page port"):
               help=f"Watch: seconds between looks at the folder [default: {RunConfig.poll_s:g}].")
 @click.option("--max-frames", type=click.IntRange(1), help="Stop after this many items [default: run until stopped].")
 @num_threads_option
+@catalog_options
 @config_option()
 @formats.in_help
 def run(config_file, **flags):
@@ -197,11 +233,12 @@ def run(config_file, **flags):
     Every item gets one line in the results log (JSON lines, flushed per line);
     a capture is classified once, when complete, also across restarts. Settings
     come from defaults, then the config file, then these flags. SIGTERM or
-    Ctrl-C finishes the current item and exits 0.
+    Ctrl-C finishes the current item and exits 0. With --catalog, each capture's
+    line also has its position, the catalog's objects there and `agrees`.
 
     \b
     Examples:
-      nebula run --source watch --watch-dir ~/Pictures/Ekos --sidecar --web
+      nebula run --source watch --watch-dir ~/Pictures/Ekos --sidecar --web --catalog --solve
       nebula run --source camera --exposure-us 2000000 --gain 8 --web --host 0.0.0.0
     """
     from nebula.device import daemon
@@ -229,9 +266,10 @@ def run(config_file, **flags):
 @threshold_option()
 @top_k_option("shown per upload")
 @num_threads_option
-@config_option(" (its [web] host/port, model, num_threads, threshold and top_k)")
+@catalog_options
+@config_option(" (its [web] host/port, model, num_threads, threshold, top_k and [catalog])")
 @formats.in_help
-def serve(host, port, model, threshold, top_k, num_threads, config_file):
+def serve(host, port, model, threshold, top_k, num_threads, catalog, solve, catalog_file, config_file):
     """Serve the local web page: upload a photo, see the top candidates with confidence bars.
 
     Uploads up to 25 MB of {formats} (checked by content). For the
@@ -243,11 +281,12 @@ def serve(host, port, model, threshold, top_k, num_threads, config_file):
     """
     from nebula.device import web
 
-    flags = {"host": host, "port": port, "model": model, "threshold": threshold, "top_k": top_k, "num_threads": num_threads}
+    flags = {"host": host, "port": port, "model": model, "threshold": threshold, "top_k": top_k, "num_threads": num_threads,
+             "catalog": catalog, "solve": solve, "catalog_file": catalog_file}
     config, _ = _run_config(flags, config_file)
     classifier = _classifier(config.model, config.num_threads)
     try:
         web.serve(classifier, config.host, config.port, announce=lambda line: click.echo(line, err=True),
-                  threshold=config.threshold, top_k=config.top_k)
+                  threshold=config.threshold, top_k=config.top_k, identifier=_identifier(config))
     except web.WebServerError as err:
         raise click.ClickException(str(err)) from None

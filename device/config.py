@@ -31,6 +31,12 @@ The file (every key optional)::
     enabled = true
     host = "127.0.0.1"          # "0.0.0.0" opens the page to the LAN
     port = 8080
+
+    [catalog]                   # where a capture points and what the catalogs say is there
+    enabled = true              # position from the FITS header, catalog look-up, `agrees`
+    file = "/opt/nebula-classifier/models/skycatalog.npz"
+    solve = true                # plate-solve captures whose header has no position (astrometry.net)
+    solve_cpulimit_s = 30
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ else:  # pragma: no cover - Raspberry Pi OS Bullseye's Python 3.9
 SOURCES = ("camera", "watch", "fake")
 SYSTEM_CONFIG = Path("/etc/nebula-classifier/config.toml")
 DEFAULT_MODEL = Path("models/nebula.tflite")
+DEFAULT_CATALOG = Path("models/skycatalog.npz")  # `nebula catalog build` writes it beside the model
 
 
 class ConfigError(Exception):
@@ -64,6 +71,11 @@ def user_config_path(env=os.environ) -> Path:
 def default_model_path(env=os.environ) -> Path:
     """The model when none is named: $NEBULA_MODEL, else models/nebula.tflite."""
     return Path(env.get("NEBULA_MODEL") or DEFAULT_MODEL)
+
+
+def default_catalog_path(env=os.environ) -> Path:
+    """The sky catalog when none is named: $NEBULA_CATALOG, else models/skycatalog.npz."""
+    return Path(env.get("NEBULA_CATALOG") or DEFAULT_CATALOG)
 
 
 def default_log_path(env=os.environ) -> str:
@@ -100,6 +112,10 @@ class RunConfig:
     web: bool = False
     host: str = "127.0.0.1"
     port: int = 8080
+    catalog: bool = False  # position, catalog look-up and `agrees` in every file's record
+    catalog_file: str | None = None  # None: $NEBULA_CATALOG or models/skycatalog.npz
+    solve: bool = False  # plate-solve files without a header position (implies catalog)
+    solve_cpulimit_s: int = 30
 
     def validate(self) -> "RunConfig":
         if self.source not in SOURCES:
@@ -118,6 +134,7 @@ class RunConfig:
             (0 <= self.port <= 65535, "port must be between 0 and 65535"),
             (self.preview_width > 0 and self.preview_height > 0, "preview size must be positive"),
             (self.num_threads is None or self.num_threads >= 1, "num_threads must be at least 1"),
+            (self.solve_cpulimit_s >= 1, "solve_cpulimit_s must be at least 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -136,11 +153,14 @@ _TOML_KEYS = {
     "camera.exposure_us": "exposure_us", "camera.gain": "gain",
     "camera.preview_width": "preview_width", "camera.preview_height": "preview_height",
     "web.enabled": "web", "web.host": "host", "web.port": "port",
+    "catalog.enabled": "catalog", "catalog.file": "catalog_file", "catalog.solve": "solve",
+    "catalog.solve_cpulimit_s": "solve_cpulimit_s",
 }
 _TYPES = {
     "source": str, "watch_dir": str, "poll_s": float, "model": str, "num_threads": int, "threshold": float,
     "top_k": int, "smooth": int, "max_fps": float, "max_frames": int, "log": str, "sidecar": bool,
     "exposure_us": int, "gain": float, "preview_width": int, "preview_height": int, "web": bool, "host": str, "port": int,
+    "catalog": bool, "catalog_file": str, "solve": bool, "solve_cpulimit_s": int,
 }
 assert set(_TYPES) == {f.name for f in fields(RunConfig)}
 
@@ -205,7 +225,8 @@ def resolve(flags: dict, config_path: str | Path | None = None, env=os.environ) 
     if flags.get("watch_dir") and flags.get("source") is None:
         values["source"] = "watch"
     config = RunConfig(**values)
-    for name in ("log", "watch_dir", "model"):
+    config.catalog = config.catalog or config.solve  # a solved position is only worth having to look it up
+    for name in ("log", "watch_dir", "model", "catalog_file"):
         if getattr(config, name):
             setattr(config, name, str(Path(getattr(config, name)).expanduser()))
     return config.validate(), files

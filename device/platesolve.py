@@ -122,10 +122,11 @@ def _command(path: Path, work: Path, cpulimit_s: int, size, field_hint_deg, near
 
 
 def _image_size(path: Path) -> tuple[int, int] | None:
-    from nebula.device.fits import FITS_SUFFIXES
+    from nebula.device import formats
 
+    fmt = formats.by_name(path.name)
     try:
-        if path.name.lower().endswith(FITS_SUFFIXES):
+        if fmt is not None and fmt.name == "FITS":
             return read_fits_header(path)[1]
         from PIL import Image
 

@@ -435,7 +435,7 @@ def read_fits_header(path: str | Path) -> tuple[dict, tuple[int, int] | None]:
 
 def position_of_file(path: str | Path) -> HeaderPosition:
     """What a file's header says about where it points; a non-FITS file or unreadable header says nothing (a warning)."""
-    from nebula.device.fits import FITS_SUFFIXES, is_fits
+    from nebula.device import formats
 
     path = Path(path)
     try:
@@ -443,7 +443,8 @@ def position_of_file(path: str | Path) -> HeaderPosition:
             head = file.read(80)
     except OSError as err:
         return HeaderPosition(warnings=[f"cannot read the header ({err.strerror or err})"])
-    if not is_fits(path, head) and not path.name.lower().endswith(FITS_SUFFIXES):
+    kind = formats.by_content(head) or formats.by_name(path.name)
+    if kind is None or kind.name != "FITS":
         return HeaderPosition()
     try:
         header, size = read_fits_header(path)

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nebula.device.config import default_catalog_path
 from nebula.device.position import SkyPosition
 
 # Nebula::NebulaType (Stellarium src/core/modules/Nebula.hpp): code -> (description, label or None when vague).
@@ -104,7 +105,6 @@ PREFIX_LABELS: dict[str, tuple[str, str]] = {
     "Mel": ("other", "Melotte's catalogue of star clusters"),
 }
 
-DEFAULT_CATALOG = Path("models/skycatalog.npz")
 DEFAULT_FIELD_DEG = 1.0  # a look-up for a position without a field size assumes this (and says so)
 UNKNOWN_SIZE_DEG = 1 / 60  # an object the catalog gives no size: 1'
 NEXT_OBJECTS = 4  # listed after the main object
@@ -114,10 +114,6 @@ _ARRAYS = ("ra", "dec", "size", "type_code", "label", "rule", "offsets", "text",
 
 class CatalogFileError(Exception):
     """A catalog file that cannot be used; one line naming the file and the cause."""
-
-
-def default_catalog_path() -> Path:
-    return Path(os.environ.get("NEBULA_CATALOG") or DEFAULT_CATALOG)
 
 
 @dataclass(frozen=True)

@@ -172,8 +172,10 @@ class WebApp:
     """What the request handler needs: the model (behind a lock), the live state, the limits."""
 
     def __init__(self, classifier, state: LiveState | None = None, lock: threading.Lock | None = None,
-                 max_upload: int = MAX_UPLOAD, threshold: float = RunConfig.threshold, top_k: int = RunConfig.top_k):
+                 max_upload: int = MAX_UPLOAD, threshold: float = RunConfig.threshold, top_k: int = RunConfig.top_k,
+                 identifier=None):
         self.classifier = classifier
+        self.identifier = identifier  # nebula.device.identify.Identifier: the catalog's answer beside the model's
         self.state = state or LiveState()
         self.lock = lock or threading.Lock()
         self.max_upload, self.threshold, self.top_k = max_upload, threshold, top_k
@@ -195,7 +197,8 @@ class WebApp:
         try:
             path = Path(folder, "upload" + kind.suffixes[0])
             path.write_bytes(data)
-            result = classify_file(self.classifier, path, top_k=self.top_k, threshold=self.threshold, lock=self.lock)
+            result = classify_file(self.classifier, path, top_k=self.top_k, threshold=self.threshold, lock=self.lock,
+                                   identifier=self.identifier)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         if result.skipped is not None:
