@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from nebula.device import skycatalog
+from nebula.device.config import DEFAULT_CATALOG
 from nebula.train.catalogs import OpenNgc, StellariumCatalog
 from nebula.train.stellarium import DEFAULT_SOURCE, Identification, label_object, read_overrides, reason_kind
 
@@ -46,7 +47,7 @@ def _rule(reason: str) -> str:
     return "OpenNGC type" if kind == "catalog type" and "OpenNGC" in reason.split(";")[0] else kind
 
 
-def build(source: str | Path = DEFAULT_SOURCE, out: str | Path = skycatalog.DEFAULT_CATALOG) -> tuple[Path, list]:
+def build(source: str | Path = DEFAULT_SOURCE, out: str | Path = DEFAULT_CATALOG) -> tuple[Path, list]:
     """Write the catalog file; returns its path and the entries written."""
     source = Path(source)
     catalog = StellariumCatalog.load(source)
