@@ -58,7 +58,13 @@ from pathlib import Path
 
 from nebula.device.classify import classify_file, open_classifier
 
-result = classify_file(open_classifier(sys.argv[1], 1), Path(sys.argv[2]))
+identifier = None
+if len(sys.argv) > 3:  # a catalog file: classify as `nebula classify --catalog` does
+    from nebula.device.identify import Identifier
+    from nebula.device.skycatalog import SkyCatalog
+
+    identifier = Identifier(SkyCatalog.load(sys.argv[3]))
+result = classify_file(open_classifier(sys.argv[1], 1), Path(sys.argv[2]), identifier=identifier)
 peak_kb = None
 try:
     with open("/proc/self/status") as status:
@@ -73,6 +79,7 @@ print(json.dumps({
     "label": result.prediction.label if result.prediction else None,
     "error": result.error,
     "tensorflow_loaded": any(m.split(".")[0] in ("tensorflow", "keras") for m in sys.modules),
+    "catalog_main": (result.sky.catalog or {}).get("main", {}).get("designation") if result.sky and result.sky.catalog else None,
 }))
 """
 
@@ -112,9 +119,26 @@ def write_frames(folder: Path, count: int, size: tuple[int, int], progress: Call
     return paths
 
 
+def write_fits_frame(path: Path, size: tuple[int, int], seed: int = 0) -> Path:
+    """A linear 16-bit mono FITS capture of a synthetic sky, with the pointing keywords N.I.N.A. writes (M 42)."""
+    from astropy.io import fits
+
+    grey = synthetic_sky(*size, np.random.default_rng(seed)).astype(np.float32).mean(axis=2)
+    header = fits.Header()
+    header["RA"], header["DEC"], header["OBJECT"] = 83.8221, -5.3911, "M 42"
+    header["FOCALLEN"], header["XPIXSZ"] = 400.0, 3.76
+    fits.PrimaryHDU((1000 + grey * 40).astype(np.uint16), header).writeto(path)
+    return path
+
+
 def run_bench(model: str | Path | None = None, images: int = 200, size: tuple[int, int] = (1024, 768),
-              thread_counts=(1, 2), progress: Callable[[str, int, int], None] | None = None) -> dict:
-    """Measure; returns the report (see `format_table`). Frames go to a temporary folder, removed after."""
+              thread_counts=(1, 2), progress: Callable[[str, int, int], None] | None = None,
+              catalog_file: str | Path | None = None) -> dict:
+    """Measure; returns the report (see `format_table`). Frames go to a temporary folder, removed after.
+
+    With `catalog_file`, peak RSS is also measured for a FITS frame of the same size,
+    without and with the catalog look-up (`nebula classify x.fits --catalog`).
+    """
     if size[0] < 16 or size[1] < 16:
         raise BenchError(f"frame size {size[0]}x{size[1]} is too small")
     classifier = open_classifier(model, 1)
@@ -139,6 +163,11 @@ def run_bench(model: str | Path | None = None, images: int = 200, size: tuple[in
         for threads in thread_counts:
             report["threads"][str(threads)] = _time_threads(model_path, paths, threads, progress)
         report["peak_rss_mb"], report["peak_rss_device_only"] = _peak_rss_mb(model_path, paths[0])
+        if catalog_file is not None:
+            frame = write_fits_frame(Path(folder) / "capture.fits", size)
+            report["peak_rss_fits_mb"], _ = _peak_rss_mb(model_path, frame)
+            report["peak_rss_fits_catalog_mb"], _ = _peak_rss_mb(model_path, frame, catalog_file)
+            report["catalog_file"] = str(catalog_file)
     return report
 
 
@@ -175,9 +204,10 @@ def _bare_invoke_ms(classifier, path: Path, repeats: int) -> list[float]:
     return times
 
 
-def _peak_rss_mb(model_path: Path, image: Path) -> tuple[float, bool]:
-    """Peak RSS of a fresh process, TensorFlow blocked, that loads the model and classifies one image."""
-    done = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(model_path), str(image)],
+def _peak_rss_mb(model_path: Path, image: Path, catalog_file: str | Path | None = None) -> tuple[float, bool]:
+    """Peak RSS of a fresh process, TensorFlow blocked, that loads the model and classifies one image (with the catalog)."""
+    extra = [str(catalog_file)] if catalog_file is not None else []
+    done = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(model_path), str(image), *extra],
                           capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
@@ -185,6 +215,8 @@ def _peak_rss_mb(model_path: Path, image: Path) -> tuple[float, bool]:
     child = json.loads(done.stdout.strip().splitlines()[-1])
     if child["error"]:
         raise BenchError(f"the device-only process could not classify {image}: {child['error']}")
+    if catalog_file is not None and child["catalog_main"] is None:
+        raise BenchError(f"the device-only process found no catalog object for {image} in {catalog_file}")
     return round(child["peak_rss_kb"] / 1024, 1), not child["tensorflow_loaded"]
 
 
@@ -217,4 +249,7 @@ def format_table(report: dict) -> str:
     lines.append("")
     lines.append(f"peak RSS, fresh process classifying one image ({device_only}): {report['peak_rss_mb']:.1f} MB"
                  f"  (target < {TARGET_RSS_MB:.0f} MB)")
+    if "peak_rss_fits_catalog_mb" in report:
+        lines.append(f"peak RSS, the same for a {w}x{h} 16-bit FITS capture: {report['peak_rss_fits_mb']:.1f} MB; "
+                     f"with --catalog: {report['peak_rss_fits_catalog_mb']:.1f} MB")
     return "\n".join(lines)

@@ -144,18 +144,22 @@ def _progress_line(what: str, done: int, total: int) -> None:
 @click.option("--size", default="1024x768", show_default=True, help="Frame size WIDTHxHEIGHT of the generated JPEGs.")
 @click.option("--threads", default="1,2", show_default=True, help="Interpreter thread counts to time, comma-separated.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the results here as JSON.")
-def bench(model, images, size, threads, json_out):
+@click.option("--catalog-file", type=click.Path(exists=True, dir_okay=False),
+              help="Also measure peak RSS for a FITS capture, without and with this catalog's look-up.")
+def bench(model, images, size, threads, json_out, catalog_file):
     """Time each stage of classification on camera-sized JPEGs; peak memory; model size.
 
     Generates synthetic sky frames (noise, stars, a nebula glow) once, then for each
     thread count reports the median and p90 of decode, preprocess, invoke,
     postprocess and end to end, the bare invoke (the model alone, same input,
     repeated), and end to end / bare invoke. Peak RSS comes from a fresh process
-    that classifies one image with TensorFlow blocked (the device path only).
+    that classifies one image with TensorFlow blocked (the device path only);
+    with --catalog-file, also for a FITS capture, without and with --catalog.
 
     \b
     Example:
       nebula bench --model models/nebula.tflite --json models/bench.json
+      nebula bench --images 20 --catalog-file models/skycatalog.npz
     """
     from nebula.device.bench import BenchError, format_table, run_bench
 
@@ -166,7 +170,8 @@ def bench(model, images, size, threads, json_out):
         raise click.BadParameter("expected WIDTHxHEIGHT such as 1024x768, and threads such as 1,2") from None
     _classifier(model, 1)  # one clear line now, before generating images, if the model is unusable
     try:
-        report = run_bench(model, images=images, size=(width, height), thread_counts=thread_counts, progress=_progress_line)
+        report = run_bench(model, images=images, size=(width, height), thread_counts=thread_counts, progress=_progress_line,
+                           catalog_file=catalog_file)
     except BenchError as err:
         raise click.ClickException(str(err)) from None
     click.echo(format_table(report))
