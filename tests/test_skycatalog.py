@@ -114,3 +114,26 @@ def test_the_device_module_imports_no_training_code():
     code = ("import sys, nebula.device.skycatalog, nebula.device.platesolve, nebula.device.position; "
             "sys.exit(any(m.startswith(('nebula.train', 'tensorflow', 'keras', 'astropy')) for m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+@pytest.mark.slow
+def test_catalog_build_from_stellarium_is_small_and_knows_m42(tmp_path):
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from nebula.cli import cli
+
+    if not Path("/usr/share/stellarium/nebulae/default/catalog.dat").exists():
+        pytest.skip("stellarium-data is not installed")
+    pytest.importorskip("pyongc")
+    out = tmp_path / "skycatalog.npz"
+    result = CliRunner().invoke(cli, ["catalog", "build", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.stat().st_size < 5e6
+    catalog = SkyCatalog.load(out)
+    assert len(catalog) > 90000 and "OpenNGC" in catalog.about["sources"]["openngc"]
+    answer = catalog.field(SkyPosition(83.822, -5.391, 0.55, 0.41))  # M 42 through a 400 mm refractor
+    assert answer.main.designation == "M 42" and answer.main.name == "Great Orion Nebula" and answer.label == "emission"
+    ring = catalog.field(SkyPosition(283.396, 33.029, 0.2, 0.15))
+    assert ring.main.designation == "M 57" and ring.label == "planetary"
