@@ -10,7 +10,7 @@ line and nothing else changes.
 
 Each solve runs `solve-field` as a subprocess in a private temporary folder
 (removed afterwards), CPU-bounded (``--cpulimit``) and under a wall-clock
-limit (its process group is killed past it), with no plots and no output but
+limit (3 x the CPU limit + 30 s by default; its process group is killed past it), with no plots and no output but
 the WCS. Scale hints (from the header's optics) and a position hint narrow
 the search when known. The answer is a `SkyPosition` with source "solve", or
 a one-line reason: not installed, no index for this scale, too few stars,
@@ -36,7 +36,9 @@ APT_PACKAGES = "astrometry.net astrometry-data-tycho2"
 DEFAULT_CPULIMIT_S = 30
 MIN_STARS = 10  # fewer sources than this: astrometry.net cannot build enough quads to match
 _TARGET_SIDE_PX = 1000  # downsample so the longer side is about this: stars stay, extraction is fast
-_WALL_MARGIN_S = 30  # source extraction and start-up happen before the CPU limit starts to count
+# The wall-clock limit guards against a hung solver; the CPU limit is the budget. Source extraction runs
+# before the CPU limit counts, and a busy machine stretches wall time, hence the slack.
+_WALL_FACTOR, _WALL_MARGIN_S = 3, 30
 _SCALE_SLACK = 1.5  # a header's field size is trusted to within this factor
 
 
@@ -79,7 +81,7 @@ def solve(path: str | Path, field_hint_deg: tuple[float, float] | None = None, n
     if not path.is_file():
         return SolveResult(reason="not solved: no such file")
     size = image_size or _image_size(path)
-    timeout_s = timeout_s or cpulimit_s + _WALL_MARGIN_S
+    timeout_s = timeout_s or _WALL_FACTOR * cpulimit_s + _WALL_MARGIN_S
     with tempfile.TemporaryDirectory(prefix="nebula-solve-") as work:
         work = Path(work)
         command = _command(path, work, cpulimit_s, size, field_hint_deg, near)

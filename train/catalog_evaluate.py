@@ -3,14 +3,15 @@
 Each photograph in Stellarium's textures.json has a known sky footprint, so:
 
 (a) **Solving.** A sample of photographs, spread over field sizes, goes through
-    `nebula.device.platesolve.solve` blind (no position or scale hint, as a
-    frame without a header would); per field-size bin: the share solved, and
+    `nebula.device.platesolve.solve` with no position hint and, by default, the
+    footprint's field size as the scale hint (what a header's FOCALLEN and pixel
+    size give; ``--blind`` drops it); per field-size bin: the share solved, and
     the median distance between the solved centre and the footprint's centre.
 (b) **Catalog labels.** For every whole photograph of a dataset (its manifest
     names the source file; crops are left out), the catalog look-up of its footprint (centre and sides)
     gives a main object; how often that object's label is the dataset's label.
 
-    nebula catalog evaluate --dataset data/stellarium --sample 40 --cpulimit 20
+    nice -n 10 nebula catalog evaluate --dataset data/stellarium --sample 40 --cpulimit 20
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ class SolveOutcome:
     seconds: float
 
 
-def evaluate_solving(source: Path, per_bin: int, cpulimit_s: int,
+def evaluate_solving(source: Path, per_bin: int, cpulimit_s: int, scale_hint: bool = True,
                      progress: Callable[[str, int, int], None] | None = None) -> list[SolveOutcome]:
     import time
 
@@ -81,7 +82,8 @@ def evaluate_solving(source: Path, per_bin: int, cpulimit_s: int,
     for done, texture in enumerate(textures, start=1):
         truth = footprint_position(texture)
         t0 = time.perf_counter()
-        result = platesolve.solve(source / texture.image, cpulimit_s=cpulimit_s)
+        hint = (truth.width_deg, truth.height_deg) if scale_hint else None
+        result = platesolve.solve(source / texture.image, field_hint_deg=hint, cpulimit_s=cpulimit_s)
         seconds = time.perf_counter() - t0
         error = None
         if result.solved:
@@ -128,7 +130,7 @@ def solving_table(outcomes: list[SolveOutcome]) -> str:
                      f"{statistics.median(o.seconds for o in items):9.1f}")
     reasons = Counter(o.reason.split(" (")[0] for o in outcomes if o.reason)
     if reasons:
-        lines.append("not solved: " + "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common()))
+        lines.append("why not: " + "; ".join(f"{n} x {reason.removeprefix('not solved: ')}" for reason, n in reasons.most_common()))
     return "\n".join(lines)
 
 

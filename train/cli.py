@@ -399,11 +399,13 @@ def catalog_build(source, out):
 @click.option("--sample", default=40, show_default=True, type=click.IntRange(0),
               help="Photographs to plate-solve, spread over the field-size bins (0: no solving).")
 @click.option("--cpulimit", default=20, show_default=True, type=click.IntRange(1), help="CPU seconds per solve.")
-def catalog_evaluate(dataset, source, catalog_path, sample, cpulimit):
+@click.option("--blind", is_flag=True, help="Solve without the scale hint (the footprint's field size) too.")
+def catalog_evaluate(dataset, source, catalog_path, sample, cpulimit, blind):
     """Measure plate solving and the catalog's labels on Stellarium's photographs.
 
-    (a) Solves a sample of photographs blind (no hints) and reports, per field-size
-    bin, the share solved and the median distance from the footprint's centre.
+    (a) Solves a sample of photographs (no position hint; the footprint's field size
+    as the scale hint, as a header's optics give, unless --blind) and reports, per
+    field-size bin, the share solved and the median distance from the footprint's centre.
     (b) Looks every dataset photograph's footprint up in the catalog and reports how
     often the main object's label is the dataset's label.
 
@@ -432,7 +434,8 @@ def catalog_evaluate(dataset, source, catalog_path, sample, cpulimit):
     if missing:
         raise click.ClickException(missing)
     per_bin = max(1, sample // (len(evaluation.FIELD_BINS_ARCMIN) - 1))
-    outcomes = evaluation.evaluate_solving(folder, per_bin, cpulimit, progress=_progress_line)
-    click.echo(f"\n(a) blind plate solving of {len(outcomes)} photos (solve-field, --cpulimit {cpulimit}), "
+    outcomes = evaluation.evaluate_solving(folder, per_bin, cpulimit, scale_hint=not blind, progress=_progress_line)
+    hint = "no hints" if blind else "scale hint: the footprint's field size"
+    click.echo(f"\n(a) plate solving of {len(outcomes)} photos (solve-field, --cpulimit {cpulimit}, {hint}), "
                "error = solved centre to footprint centre:")
     click.echo(evaluation.solving_table(outcomes))
