@@ -8,7 +8,7 @@ the decorators below, written once.
 
 import click
 
-from nebula.device.config import DEFAULT_MODEL, SOURCES, RunConfig
+from nebula.device.config import DEFAULT_CATALOG, DEFAULT_MODEL, SOURCES, RunConfig
 from nebula.device import formats
 
 
@@ -44,7 +44,7 @@ def top_k_option(what: str = "listed per image"):
 def catalog_options(function):
     """--catalog, --solve, --catalog-file: where a file points and what the catalogs say is there."""
     function = click.option("--catalog-file", type=click.Path(dir_okay=False),
-                            help="Sky catalog file [default: $NEBULA_CATALOG or models/skycatalog.npz; 'nebula catalog build'].")(function)
+                            help=f"Sky catalog file [default: $NEBULA_CATALOG or {DEFAULT_CATALOG}; 'nebula catalog build'].")(function)
     function = click.option("--solve/--no-solve", default=None,
                             help="Plate-solve files whose header has no position (astrometry.net; implies --catalog) [default: no].")(function)
     return click.option("--catalog/--no-catalog", default=None,

@@ -101,6 +101,18 @@ def test_classify_catalog_prints_the_catalogs_answer_beside_the_models(tiny_mode
     assert not {"position", "catalog", "agrees"} & set(json.loads(plain.output.splitlines()[0]))
 
 
+def test_the_config_files_catalog_table_turns_it_on(tiny_model_file, catalog_file, tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text(f'[catalog]\nenabled = true\nfile = "{catalog_file}"\n')
+    capture = _fits(tmp_path / "c.fits", RA=M42[0], DEC=M42[1])
+    result = CliRunner().invoke(cli, ["classify", "--model", str(tiny_model_file), "--config", str(config),
+                                      "--format", "jsonl", str(capture)])
+    assert json.loads(result.output)["catalog"]["main"]["designation"] == "M 42"
+    off = CliRunner().invoke(cli, ["classify", "--model", str(tiny_model_file), "--config", str(config), "--no-catalog",
+                                   "--format", "jsonl", str(capture)])
+    assert "catalog" not in json.loads(off.output)
+
+
 def test_annotate_fits_writes_a_copy_and_never_touches_the_original(tiny_model_file, catalog_file, tmp_path):
     from astropy.io import fits
 
