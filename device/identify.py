@@ -78,8 +78,8 @@ class Identifier:
         if position is None:
             return answer
         answer.position = {**position.to_record(), **({"target": found.target} if found.target else {})}
-        if self.catalog is None:
-            answer.position_note = "; ".join([*notes, self.catalog_problem or "no catalog"])
+        if self.catalog is None:  # the full reason was announced once; each record says it briefly
+            answer.position_note = "; ".join([*notes, "catalog look-up unavailable (no usable catalog file)"])
             return answer
         field = self.catalog.field(position)
         answer.catalog = field.to_record()
