@@ -73,7 +73,7 @@ class SolveOutcome:
     seconds: float
 
 
-def evaluate_solving(source: Path, per_bin: int, cpulimit_s: int, scale_hint: bool = True,
+def evaluate_solving(source: Path, per_bin: int, cpulimit_s: int, scale_hint: bool = True, timeout_s: float | None = None,
                      progress: Callable[[str, int, int], None] | None = None) -> list[SolveOutcome]:
     import time
 
@@ -83,7 +83,7 @@ def evaluate_solving(source: Path, per_bin: int, cpulimit_s: int, scale_hint: bo
         truth = footprint_position(texture)
         t0 = time.perf_counter()
         hint = (truth.width_deg, truth.height_deg) if scale_hint else None
-        result = platesolve.solve(source / texture.image, field_hint_deg=hint, cpulimit_s=cpulimit_s)
+        result = platesolve.solve(source / texture.image, field_hint_deg=hint, cpulimit_s=cpulimit_s, timeout_s=timeout_s)
         seconds = time.perf_counter() - t0
         error = None
         if result.solved:
@@ -128,10 +128,16 @@ def solving_table(outcomes: list[SolveOutcome]) -> str:
         error = f"{statistics.median(o.error_arcmin for o in solved):.2f}'" if solved else "-"
         lines.append(f"{name:9} {len(items):6d} {len(solved):3d} {len(solved) / len(items):3.0%} {error:>13} "
                      f"{statistics.median(o.seconds for o in items):9.1f}")
-    reasons = Counter(o.reason.split(" (")[0] for o in outcomes if o.reason)
+    reasons = Counter(_reason_kind(o.reason) for o in outcomes if o.reason)
     if reasons:
-        lines.append("why not: " + "; ".join(f"{n} x {reason.removeprefix('not solved: ')}" for reason, n in reasons.most_common()))
+        lines.append("why not: " + "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common()))
     return "\n".join(lines)
+
+
+def _reason_kind(reason: str) -> str:
+    """A solve's reason without its numbers' detail, so that like reasons count together."""
+    reason = reason.removeprefix("not solved: ").split(" (")[0]
+    return "narrower than the smallest Tycho-2 index" if "narrower than the smallest" in reason else reason
 
 
 def labels_table(outcomes: list[LabelOutcome]) -> str:

@@ -400,7 +400,10 @@ def catalog_build(source, out):
               help="Photographs to plate-solve, spread over the field-size bins (0: no solving).")
 @click.option("--cpulimit", default=20, show_default=True, type=click.IntRange(1), help="CPU seconds per solve.")
 @click.option("--blind", is_flag=True, help="Solve without the scale hint (the footprint's field size) too.")
-def catalog_evaluate(dataset, source, catalog_path, sample, cpulimit, blind):
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=None,
+              help="Wall-clock seconds per solve [default: the device's, 3 x --cpulimit + 30]; raise it on a busy machine.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write every photo's outcome here.")
+def catalog_evaluate(dataset, source, catalog_path, sample, cpulimit, blind, timeout_s, json_out):
     """Measure plate solving and the catalog's labels on Stellarium's photographs.
 
     (a) Solves a sample of photographs (no position hint; the footprint's field size
@@ -426,16 +429,29 @@ def catalog_evaluate(dataset, source, catalog_path, sample, cpulimit, blind):
         sky = SkyCatalog.load(catalog_path)
     except CatalogFileError as err:
         raise click.ClickException(str(err)) from None
+    import json
+    from dataclasses import asdict
+
+    labels = evaluation.evaluate_labels(Path(dataset), folder, sky)
     click.echo(f"(b) catalog label of the main object in each photo's footprint, against {dataset}:")
-    click.echo(evaluation.labels_table(evaluation.evaluate_labels(Path(dataset), folder, sky)))
+    click.echo(evaluation.labels_table(labels))
+    outcomes = []
+
+    def write_json():
+        if json_out:
+            Path(json_out).write_text(json.dumps({"labels": [asdict(o) for o in labels],
+                                                  "solving": [asdict(o) for o in outcomes]}, indent=1) + "\n")
+
     if sample == 0:
-        return
+        return write_json()
     missing = platesolve.unavailable_reason()
     if missing:
         raise click.ClickException(missing)
     per_bin = max(1, sample // (len(evaluation.FIELD_BINS_ARCMIN) - 1))
-    outcomes = evaluation.evaluate_solving(folder, per_bin, cpulimit, scale_hint=not blind, progress=_progress_line)
+    outcomes = evaluation.evaluate_solving(folder, per_bin, cpulimit, scale_hint=not blind, timeout_s=timeout_s,
+                                           progress=_progress_line)
     hint = "no hints" if blind else "scale hint: the footprint's field size"
     click.echo(f"\n(a) plate solving of {len(outcomes)} photos (solve-field, --cpulimit {cpulimit}, {hint}), "
                "error = solved centre to footprint centre:")
     click.echo(evaluation.solving_table(outcomes))
+    write_json()
