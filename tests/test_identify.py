@@ -195,3 +195,18 @@ def test_the_browser_shows_the_catalogs_answer(browser, classifier, catalog_file
         server.stop()
     assert text.startswith("catalog: M 42 (Great Orion Nebula), HII region → emission")
     assert "[header 83.822 -5.391, field 32′]" in text
+
+
+def test_run_with_catalog_in_its_config_logs_the_catalogs_answer(tiny_model_file, catalog_file, tmp_path):
+    from nebula.device import daemon
+
+    watched = tmp_path / "captures"
+    watched.mkdir()
+    _fits(watched / "M42_001.fits", RA=M42[0], DEC=M42[1])
+    config = RunConfig(source="watch", watch_dir=str(watched), poll_s=0.05, model=str(tiny_model_file), max_frames=1,
+                       log=str(tmp_path / "results.jsonl"), catalog=True, catalog_file=str(catalog_file))
+    announced = []
+    finished = daemon.run(config, announce=announced.append)
+    assert finished.count == 1 and not any(line.startswith("warning") for line in announced)
+    line = json.loads((tmp_path / "results.jsonl").read_text().splitlines()[0])
+    assert line["catalog"]["main"]["designation"] == "M 42" and line["position"]["source"] == "header"
