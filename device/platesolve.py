@@ -103,7 +103,8 @@ def solve(path: str | Path, field_hint_deg: tuple[float, float] | None = None, n
             if found.position is not None:
                 p = found.position
                 return SolveResult(SkyPosition(p.ra, p.dec, p.width_deg, p.height_deg, "solve", "solve-field"), stars=stars)
-        return SolveResult(reason=_failure_reason(process.returncode, output, stars, cpulimit_s), stars=stars)
+        narrow = field_hint_deg is None or min(field_hint_deg) * 60 < 2 * SMALLEST_INDEX_ARCMIN
+        return SolveResult(reason=_failure_reason(process.returncode, output, stars, cpulimit_s, narrow), stars=stars)
 
 
 def _command(path: Path, work: Path, cpulimit_s: int, size, field_hint_deg, near: SkyPosition | None) -> list[str]:
@@ -158,7 +159,7 @@ def _source_count(work: Path) -> int | None:
     return rows if isinstance(rows, int) else None
 
 
-def _failure_reason(returncode: int, output: str, stars: int | None, cpulimit_s: int) -> str:
+def _failure_reason(returncode: int, output: str, stars: int | None, cpulimit_s: int, maybe_narrow: bool = True) -> str:
     if stars is not None and stars < MIN_STARS:
         return f"not solved: too few stars ({stars} found, at least {MIN_STARS} needed)"
     if returncode != 0:
@@ -166,5 +167,7 @@ def _failure_reason(returncode: int, output: str, stars: int | None, cpulimit_s:
         return f"not solved: {SOLVER} failed (exit {returncode}: {last[:160]})"
     if "cpu limit" in output.lower() or "time limit" in output.lower():
         return f"not solved: no match within the {cpulimit_s} s CPU limit ({stars} stars)"
-    return (f"not solved: no match in the index files ({stars if stars is not None else 'unknown number of'} stars; "
-            f"fields under {SMALLEST_INDEX_ARCMIN:.0f}' need indexes Debian does not package)")
+    found = f"{stars if stars is not None else 'unknown number of'} stars"
+    if maybe_narrow:  # a field of unknown size may be one the indexes do not cover
+        found += f"; fields under {SMALLEST_INDEX_ARCMIN:.0f}' need indexes Debian does not package"
+    return f"not solved: no match in the index files ({found})"
