@@ -1,5 +1,5 @@
 # Every target is one line you could type yourself. `make` runs the whole main job.
-.PHONY: all setup data train convert demo test bench crossval clean
+.PHONY: all setup data catalog train convert demo test bench crossval clean
 
 all: setup data train convert demo
 
@@ -8,6 +8,10 @@ setup:
 
 data:
 	.venv/bin/nebula data stellarium --out data/stellarium
+
+# The sky catalog the device looks positions up in (copy it beside the model on the Pi).
+catalog:
+	.venv/bin/nebula catalog build --out models/skycatalog.npz
 
 train:
 	.venv/bin/nebula train --data data/stellarium --out models/runs/main
@@ -34,4 +38,4 @@ bench:
 	.venv/bin/nebula bench --model models/nebula.tflite --json models/bench.json
 
 clean:
-	rm -rf data/stellarium models/runs models/crossval models/nebula.tflite models/labels.txt models/manifest.json
+	rm -rf data/stellarium models/runs models/crossval models/nebula.tflite models/labels.txt models/manifest.json models/skycatalog.npz

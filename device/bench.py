@@ -93,7 +93,13 @@ load_interpreter_class()
 steps.append(("TFLite runtime", rss_kb()))
 classifier = open_classifier(sys.argv[1], 1)
 steps.append(("model loaded (interpreter, XNNPACK)", rss_kb()))
-result = classify_file(classifier, Path(sys.argv[2]))
+identifier = None
+if len(sys.argv) > 3:  # a catalog file: classify as `nebula classify --catalog` does
+    from nebula.device.identify import Identifier
+    from nebula.device.skycatalog import SkyCatalog
+
+    identifier = Identifier(SkyCatalog.load(sys.argv[3]))
+result = classify_file(classifier, Path(sys.argv[2]), identifier=identifier)
 steps.append(("one image classified", rss_kb()))
 peak_kb = rss_kb("VmHWM")
 if peak_kb is None:
@@ -108,6 +114,7 @@ print(json.dumps({
     "error": result.error,
     "tensorflow_loaded": any(m.split(".")[0] in ("tensorflow", "keras") for m in sys.modules),
     "astropy_loaded": "astropy" in sys.modules,
+    "catalog_main": (result.sky.catalog or {}).get("main", {}).get("designation") if result.sky and result.sky.catalog else None,
 }))
 """
 
@@ -165,17 +172,25 @@ def write_frames(folder: Path, count: int, size: tuple[int, int], progress: Call
 
 
 def write_fits_frame(path: Path, size: tuple[int, int], seed: int = 0) -> Path:
-    """A linear 16-bit mono FITS frame of the sky (what an astro camera writes), for the astropy path."""
+    """A linear 16-bit mono FITS capture of a synthetic sky, with the pointing keywords N.I.N.A. writes (M 42)."""
     from astropy.io import fits
 
-    sky = synthetic_sky(*size, np.random.default_rng(seed)).mean(axis=2)
-    fits.PrimaryHDU((sky * 16 + 800).astype(np.uint16)).writeto(path, overwrite=True)
+    grey = synthetic_sky(*size, np.random.default_rng(seed)).astype(np.float32).mean(axis=2)
+    header = fits.Header()
+    header["RA"], header["DEC"], header["OBJECT"] = 83.8221, -5.3911, "M 42"
+    header["FOCALLEN"], header["XPIXSZ"] = 400.0, 3.76
+    fits.PrimaryHDU((1000 + grey * 40).astype(np.uint16), header).writeto(path)
     return path
 
 
 def run_bench(model: str | Path | None = None, images: int = 200, size: tuple[int, int] = (1024, 768),
-              thread_counts=(1, 2), progress: Callable[[str, int, int], None] | None = None) -> dict:
-    """Measure; returns the report (see `format_table`). Frames go to a temporary folder, removed after."""
+              thread_counts=(1, 2), progress: Callable[[str, int, int], None] | None = None,
+              catalog_file: str | Path | None = None) -> dict:
+    """Measure; returns the report (see `format_table`). Frames go to a temporary folder, removed after.
+
+    With `catalog_file`, peak RSS is also measured for a FITS frame of the same size,
+    without and with the catalog look-up (`nebula classify x.fits --catalog`).
+    """
     if size[0] < 16 or size[1] < 16:
         raise BenchError(f"frame size {size[0]}x{size[1]} is too small")
     classifier = open_classifier(model, 1)
@@ -204,7 +219,11 @@ def run_bench(model: str | Path | None = None, images: int = 200, size: tuple[in
         report["jpeg_bytes_median"] = int(np.median([p.stat().st_size for p in paths]))
         for threads in thread_counts:
             report["threads"][str(threads)] = _time_threads(model_path, paths, camera_frames, threads, images, progress)
-        report["memory"] = _memory(model_path, paths[0], write_fits_frame(Path(folder) / "frame.fits", size))
+        frame = write_fits_frame(Path(folder) / "frame.fits", size)
+        report["memory"] = _memory(model_path, paths[0], frame)
+        if catalog_file is not None:
+            report["memory"]["fits_catalog_peak_rss_mb"] = _fits_with_catalog_peak_mb(model_path, frame, catalog_file)
+            report["catalog_file"] = str(catalog_file)
     report["peak_rss_mb"], report["peak_rss_device_only"] = report["memory"]["peak_rss_mb"], report["memory"]["device_only"]
     return report
 
@@ -299,6 +318,16 @@ def _cli_peak_kb(model_path: Path, image: Path) -> int | None:
         return int(peak_file.read_text())
 
 
+def _fits_with_catalog_peak_mb(model_path: Path, fits_frame: Path, catalog_file: str | Path) -> float:
+    """Peak RSS of a fresh device-only process classifying the FITS frame as `nebula classify --catalog` does."""
+    child = _child([sys.executable, "-c", _RSS_CHILD, str(model_path), str(fits_frame), str(catalog_file)])
+    if child["error"]:
+        raise BenchError(f"the device-only process could not classify {fits_frame}: {child['error']}")
+    if child["catalog_main"] is None:
+        raise BenchError(f"the device-only process found no catalog object for {fits_frame} in {catalog_file}")
+    return round(child["peak_rss_kb"] / 1024, 1)
+
+
 def _summary(values: list[float]) -> dict:
     return {"median_ms": round(float(np.median(values)), 3), "p90_ms": round(float(np.percentile(values, 90)), 3)}
 
@@ -343,4 +372,7 @@ def format_table(report: dict) -> str:
         lines.append(f"peak RSS of 'nebula classify' on the same JPEG (the command, click included): {memory['cli_peak_rss_mb']:.1f} MB")
     astropy = "astropy imported for it" if memory["astropy_loaded_for_fits"] else "astropy not imported?"
     lines.append(f"peak RSS classifying one {w}x{h} 16-bit FITS frame ({astropy}): {memory['fits_peak_rss_mb']:.1f} MB")
+    if "fits_catalog_peak_rss_mb" in memory:
+        lines.append(f"peak RSS, the same FITS frame with --catalog (position from its header, catalog look-up): "
+                     f"{memory['fits_catalog_peak_rss_mb']:.1f} MB")
     return "\n".join(lines)

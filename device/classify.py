@@ -30,6 +30,7 @@ import numpy as np
 from nebula.device.config import RunConfig
 from nebula.device.decode import ImageError, SkippedImage, load_image
 from nebula.device.formats import is_image_name, names_text
+from nebula.device.identify import Identifier, SkyAnswer, catalog_line
 from nebula.device.prefetch import DEPTH, Prefetched
 from nebula.device.preprocess import prepare
 from nebula.device.record import CSV_COLUMNS, ResultRecord, utc_now
@@ -49,6 +50,8 @@ class Result:
     utc: str = ""
     timings_ms: dict[str, float] = field(default_factory=dict)
     image_size: tuple[int, int] | None = None  # (width, height) of the decoded picture
+    sky: SkyAnswer | None = None  # position, catalog and agreement, when the catalog is on
+    annotated_fits: str | None = None
 
     @property
     def failed(self) -> bool:
@@ -57,7 +60,8 @@ class Result:
     def record(self, model_sha256: str) -> ResultRecord:
         if self.error is not None or self.skipped is not None:
             return ResultRecord(file=self.file, error=self.error, skipped=self.skipped, utc=None)
-        return ResultRecord.answer(self.prediction, model_sha256, file=self.file, utc=self.utc)
+        return ResultRecord.answer(self.prediction, model_sha256, file=self.file, utc=self.utc,
+                                   annotated_fits=self.annotated_fits, **(self.sky.fields() if self.sky else {}))
 
     def to_record(self, model_sha256: str) -> dict:
         return self.record(model_sha256).to_dict()
@@ -110,22 +114,44 @@ class Decoded:
 
 
 def classify_paths(classifier: Classifier, paths: Iterable[str | Path], *, top_k: int = RunConfig.top_k,
-                   threshold: float = RunConfig.threshold, prefetch: int = DEPTH) -> Iterator[Result]:
-    """One `Result` per input image, in order, as each is done; `prefetch` files decoded ahead (0: none, no thread)."""
+                   threshold: float = RunConfig.threshold, prefetch: int = DEPTH, identifier: Identifier | None = None,
+                   annotate_dir: str | Path | None = None) -> Iterator[Result]:
+    """One `Result` per input image, in order, as each is done; `prefetch` files decoded ahead (0: none, no thread).
+
+    With `identifier`, each also gets its position, catalog answer and agreement; with
+    `annotate_dir`, each classified FITS file is copied there with the answers in its header.
+    """
     decoded = (decode_file(classifier, path) for path in find_images(paths))
-    if not prefetch:
-        for item in decoded:
-            yield classify_decoded(classifier, item, top_k=top_k, threshold=threshold)
-        return
-    with Prefetched(decoded, prefetch) as ahead:
+    with Prefetched(decoded, prefetch) if prefetch else nullcontext(decoded) as ahead:
         for item in ahead:
-            yield classify_decoded(classifier, item, top_k=top_k, threshold=threshold)
+            result = classify_decoded(classifier, item, top_k=top_k, threshold=threshold, identifier=identifier)
+            if annotate_dir is not None and result.prediction is not None:
+                result.annotated_fits = _annotate(result, annotate_dir, classifier.sha256)
+            yield result
+
+
+def _annotate(result: Result, out_dir: str | Path, model_sha256: str) -> str:
+    """The annotated copy's path, or why there is none (in the record, one line; the run goes on)."""
+    from nebula.device.formats import by_content, by_name
+    from nebula.device.identify import annotate_fits
+
+    path = Path(result.file)
+    with open(path, "rb") as file:
+        kind = by_content(file.read(80)) or by_name(path.name)
+    if kind is None or kind.name != "FITS":
+        return "not annotated: not a FITS file"
+    try:
+        return str(annotate_fits(path, out_dir, result.record(model_sha256).to_dict()))
+    except (OSError, ValueError) as err:
+        return f"not annotated: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
 
 
 def classify_file(classifier: Classifier, path: Path, *, top_k: int = RunConfig.top_k,
-                  threshold: float = RunConfig.threshold, lock: ContextManager | None = None) -> Result:
+                  threshold: float = RunConfig.threshold, lock: ContextManager | None = None,
+                  identifier: Identifier | None = None) -> Result:
     """Decode and classify one file. `lock` is held around the model only (the web page shares it with the daemon)."""
-    return classify_decoded(classifier, decode_file(classifier, path), top_k=top_k, threshold=threshold, lock=lock)
+    return classify_decoded(classifier, decode_file(classifier, path), top_k=top_k, threshold=threshold, lock=lock,
+                            identifier=identifier)
 
 
 def decode_file(classifier: Classifier, path: "Path | EmptyFolder") -> Decoded:
@@ -150,7 +176,8 @@ def decode_file(classifier: Classifier, path: "Path | EmptyFolder") -> Decoded:
 
 
 def classify_decoded(classifier: Classifier, decoded: Decoded, *, top_k: int = RunConfig.top_k,
-                     threshold: float = RunConfig.threshold, lock: ContextManager | None = None) -> Result:
+                     threshold: float = RunConfig.threshold, lock: ContextManager | None = None,
+                     identifier: Identifier | None = None) -> Result:
     """Run the model on what `decode_file` made. ``end_to_end`` is from the start of the decode to the answer
     (with read-ahead it includes the time the file waited for the interpreter)."""
     if decoded.result is not None:
@@ -160,7 +187,9 @@ def classify_decoded(classifier: Classifier, decoded: Decoded, *, top_k: int = R
     prediction.timings_ms = {"preprocess": decoded.timings_ms["preprocess"], **prediction.timings_ms}
     timings = {"decode": decoded.timings_ms["decode"], **prediction.timings_ms}
     timings["end_to_end"] = (time.perf_counter() - decoded.started) * 1e3
-    return Result(str(decoded.path), prediction=prediction, utc=utc_now(), timings_ms=timings, image_size=decoded.image_size)
+    sky = identifier.identify(decoded.path, prediction.label) if identifier is not None else None
+    return Result(str(decoded.path), prediction=prediction, utc=utc_now(), timings_ms=timings,
+                  image_size=decoded.image_size, sky=sky)
 
 
 class ResultWriter:
@@ -194,6 +223,11 @@ class ResultWriter:
             self._csv.writerow(record)
         elif not result.failed:
             self.out.write(self._table_row(result) + "\n")
+            annotated = record.get("annotated_fits")
+            if annotated and not annotated.startswith("not annotated"):
+                annotated = f"annotated copy: {annotated}"
+            for line in filter(None, [catalog_line(record), annotated]):  # the catalog's answer beside the model's, indented under its row
+                self.out.write(f"  {line}\n")
         self.out.flush()
 
     def _header(self) -> None:

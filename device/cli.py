@@ -8,7 +8,7 @@ the decorators below, written once.
 
 import click
 
-from nebula.device.config import DEFAULT_MODEL, SOURCES, RunConfig
+from nebula.device.config import DEFAULT_CATALOG, DEFAULT_MODEL, SOURCES, RunConfig
 from nebula.device import formats
 
 
@@ -52,6 +52,27 @@ def top_k_option(what: str = "listed per image"):
     return click.option("--top-k", type=click.IntRange(1), help=f"Candidates {what} [default: {RunConfig.top_k}].")
 
 
+def catalog_options(function):
+    """--catalog, --solve, --catalog-file: where a file points and what the catalogs say is there."""
+    function = click.option("--catalog-file", type=click.Path(dir_okay=False),
+                            help=f"Sky catalog file [default: $NEBULA_CATALOG or {DEFAULT_CATALOG}; 'nebula catalog build'].")(function)
+    function = click.option("--solve/--no-solve", default=None,
+                            help="Plate-solve files whose header has no position (astrometry.net; implies --catalog) [default: no].")(function)
+    return click.option("--catalog/--no-catalog", default=None,
+                        help="Read each FITS header's position and add the catalog's objects there, and whether "
+                             "the model agrees with the catalog [default: no].")(function)
+
+
+def _identifier(config):
+    """The catalog look-up a configuration asks for; what cannot work here is said once, on stderr."""
+    from nebula.device.identify import Identifier
+
+    identifier = Identifier.from_config(config)
+    for problem in identifier.problems() if identifier else ():
+        click.echo(f"warning: {problem}", err=True)
+    return identifier
+
+
 def config_option(what: str = ""):
     return click.option("--config", "config_file", type=click.Path(dir_okay=False),
                         help=f"TOML config file{what} [default: /etc/nebula-classifier/config.toml, "
@@ -68,10 +89,15 @@ def config_option(what: str = ""):
               help="table for people, jsonl for programs, csv for spreadsheets.")
 @num_threads_option
 @tta_option
-@config_option(" (its model, num_threads, threshold, top_k and tta)")
+@catalog_options
+@click.option("--annotate-fits", "annotate_dir", type=click.Path(file_okay=False),
+              help="Write a copy of each classified FITS file into this folder with the answers in its header "
+                   "(NEBLABEL, NEBCATOB, NEBAGREE, ...); the original is never modified.")
+@config_option(" (its model, num_threads, threshold, top_k, tta and [catalog])")
 @verbose_option
 @formats.in_help
-def classify(paths, files_from, model, top_k, threshold, fmt, num_threads, tta, config_file, verbose):
+def classify(paths, files_from, model, top_k, threshold, fmt, num_threads, tta, catalog, solve, catalog_file, annotate_dir,
+             config_file, verbose):
     """Classify photographs: files or folders (recursive); {formats}.
 
     Linear FITS and 16-bit TIFF data are auto-stretched first; dark, flat and
@@ -79,9 +105,14 @@ def classify(paths, files_from, model, top_k, threshold, fmt, num_threads, tta, 
     that cannot be read gets one error line and the run goes on. Exit code 1
     if any image failed, 2 if there is no usable model.
 
+    With --catalog, the position in a FITS header (WCS, RA/DEC, OBJCTRA/OBJCTDEC)
+    is looked up in the sky catalog: the object there, its catalog label, and
+    whether the model agrees; --solve plate-solves files without one.
+
     \b
     Examples:
       nebula classify ~/captures/M42.fits captures/2024-11-02/ --format jsonl
+      nebula classify capture.fits --catalog --solve --annotate-fits annotated/
       find ~/captures -name '*.fits' -mmin -60 | nebula classify --files-from -
     """
     from nebula.device.classify import ResultWriter, classify_paths
@@ -91,13 +122,16 @@ def classify(paths, files_from, model, top_k, threshold, fmt, num_threads, tta, 
     if not paths:
         raise click.UsageError("give image files or folders, or --files-from FILE")
 
-    config, _ = _run_config({"model": model, "top_k": top_k, "threshold": threshold, "num_threads": num_threads, "tta": tta},
-                            config_file)
+    flags = {"model": model, "top_k": top_k, "threshold": threshold, "num_threads": num_threads, "tta": tta,
+             "catalog": catalog, "solve": solve, "catalog_file": catalog_file}
+    config, _ = _run_config(flags, config_file)
     classifier = _classifier(config.model, config.num_threads, config.tta)
     _show_runtime_notes(classifier, verbose)
+    identifier = _identifier(config)
     writer = ResultWriter(fmt, classifier.sha256, classifier.labels, config.top_k)
     seen = failed = 0
-    for result in classify_paths(classifier, paths, top_k=config.top_k, threshold=config.threshold):
+    for result in classify_paths(classifier, paths, top_k=config.top_k, threshold=config.threshold,
+                                 identifier=identifier, annotate_dir=annotate_dir):
         writer.write(result)  # every input, a folder without images included, gives one result
         seen += 1
         failed += result.failed
@@ -122,7 +156,9 @@ def _progress_line(what: str, done: int, total: int) -> None:
 @click.option("--size", default="1024x768", show_default=True, help="Frame size WIDTHxHEIGHT of the generated JPEGs.")
 @click.option("--threads", default="1,2", show_default=True, help="Interpreter thread counts to time, comma-separated.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the results here as JSON.")
-def bench(model, images, size, threads, json_out):
+@click.option("--catalog-file", type=click.Path(exists=True, dir_okay=False),
+              help="Also measure peak RSS for a FITS capture, without and with this catalog's look-up.")
+def bench(model, images, size, threads, json_out, catalog_file):
     """Time each stage of classification on camera-sized JPEGs; peak memory and where it goes.
 
     Generates synthetic sky frames (noise, stars, a nebula glow) once, then for each
@@ -133,11 +169,13 @@ def bench(model, images, size, threads, json_out):
     same input, repeated); and the ratios files / bare and camera / bare. Peak RSS
     comes from fresh processes with TensorFlow blocked (the device path only): one
     JPEG, with the resident size after each step; the `nebula classify` command;
-    one FITS frame (the only input that imports astropy).
+    one FITS frame (the only input that imports astropy); with --catalog-file, a
+    FITS capture without and with --catalog.
 
     \b
     Example:
       nebula bench --model models/nebula.tflite --json models/bench.json
+      nebula bench --images 20 --catalog-file models/skycatalog.npz
     """
     from nebula.device.bench import BenchError, format_table, run_bench
 
@@ -148,7 +186,8 @@ def bench(model, images, size, threads, json_out):
         raise click.BadParameter("expected WIDTHxHEIGHT such as 1024x768, and threads such as 1,2") from None
     _classifier(model, 1)  # one clear line now, before generating images, if the model is unusable
     try:
-        report = run_bench(model, images=images, size=(width, height), thread_counts=thread_counts, progress=_progress_line)
+        report = run_bench(model, images=images, size=(width, height), thread_counts=thread_counts, progress=_progress_line,
+                           catalog_file=catalog_file)
     except BenchError as err:
         raise click.ClickException(str(err)) from None
     click.echo(format_table(report))
@@ -203,6 +242,7 @@ def port_option(what: str = "Web page port"):
 @click.option("--review-dir", type=click.Path(file_okay=False), help="The review folder [default: review/ beside the log].")
 @num_threads_option
 @tta_option
+@catalog_options
 @config_option()
 @verbose_option
 @formats.in_help
@@ -220,11 +260,12 @@ def run(config_file, verbose, **flags):
     log_fsync_s, rotated at log_max_mb); a capture is classified once, when
     complete (unchanged for settle_s), also across restarts and rotations. Settings
     come from defaults, then the config file, then these flags. SIGTERM or
-    Ctrl-C finishes the current item and exits 0.
+    Ctrl-C finishes the current item and exits 0. With --catalog, each capture's
+    line also has its position, the catalog's objects there and `agrees`.
 
     \b
     Examples:
-      nebula run --source watch --watch-dir ~/Pictures/Ekos --sidecar --web
+      nebula run --source watch --watch-dir ~/Pictures/Ekos --sidecar --web --catalog --solve
       nebula run --source camera --exposure-us 2000000 --gain 8 --web --host 0.0.0.0
     """
     from nebula.device import daemon
@@ -253,10 +294,11 @@ def run(config_file, verbose, **flags):
 @top_k_option("shown per upload")
 @num_threads_option
 @tta_option
-@config_option(" (its [web] settings, model, num_threads, threshold, top_k and tta)")
+@catalog_options
+@config_option(" (its [web] settings, model, num_threads, threshold, top_k, tta and [catalog])")
 @verbose_option
 @formats.in_help
-def serve(host, port, model, threshold, top_k, num_threads, tta, config_file, verbose):
+def serve(host, port, model, threshold, top_k, num_threads, tta, catalog, solve, catalog_file, config_file, verbose):
     """Serve the local web page: upload a photo, see the top candidates with confidence bars.
 
     Uploads up to 25 MB of {formats} (checked by content). For the
@@ -270,7 +312,7 @@ def serve(host, port, model, threshold, top_k, num_threads, tta, config_file, ve
     from nebula.device import web
 
     flags = {"host": host, "port": port, "model": model, "threshold": threshold, "top_k": top_k, "num_threads": num_threads,
-             "tta": tta}
+             "tta": tta, "catalog": catalog, "solve": solve, "catalog_file": catalog_file}
     config, _ = _run_config(flags, config_file)
     classifier = _classifier(config.model, config.num_threads, config.tta)
     _show_runtime_notes(classifier, verbose)
@@ -280,6 +322,7 @@ def serve(host, port, model, threshold, top_k, num_threads, tta, config_file, ve
     try:
         web.serve(classifier, config.host, config.port, announce=lambda line: click.echo(line, err=True),
                   threshold=config.threshold, top_k=config.top_k,
-                  max_uploads=config.max_uploads, upload_timeout_s=config.upload_timeout_s, review=review)
+                  max_uploads=config.max_uploads, upload_timeout_s=config.upload_timeout_s, review=review,
+                  identifier=_identifier(config))
     except web.WebServerError as err:
         raise click.ClickException(str(err)) from None

@@ -47,6 +47,12 @@ The file (every key optional)::
     gap = 0.15                  # ... or the top two are closer than this, or the catalog disagrees
     max_mb = 200.0              # the queue's size limit: the oldest unlabelled items are dropped first
     every_s = 30.0              # live sources: at most one frame queued this often
+
+    [catalog]                   # where a capture points and what the catalogs say is there
+    enabled = true              # position from the FITS header, catalog look-up, `agrees`
+    file = "/opt/nebula-classifier/models/skycatalog.npz"
+    solve = true                # plate-solve captures whose header has no position (astrometry.net)
+    solve_cpulimit_s = 30
 """
 
 from __future__ import annotations
@@ -66,6 +72,7 @@ else:  # pragma: no cover - Raspberry Pi OS Bullseye's Python 3.9
 SOURCES = ("camera", "watch", "fake")
 SYSTEM_CONFIG = Path("/etc/nebula-classifier/config.toml")
 DEFAULT_MODEL = Path("models/nebula.tflite")
+DEFAULT_CATALOG = Path("models/skycatalog.npz")  # `nebula catalog build` writes it beside the model
 
 
 class ConfigError(Exception):
@@ -80,6 +87,11 @@ def user_config_path(env=os.environ) -> Path:
 def default_model_path(env=os.environ) -> Path:
     """The model when none is named: $NEBULA_MODEL, else models/nebula.tflite."""
     return Path(env.get("NEBULA_MODEL") or DEFAULT_MODEL)
+
+
+def default_catalog_path(env=os.environ) -> Path:
+    """The sky catalog when none is named: $NEBULA_CATALOG, else models/skycatalog.npz."""
+    return Path(env.get("NEBULA_CATALOG") or DEFAULT_CATALOG)
 
 
 def default_log_path(env=os.environ) -> str:
@@ -130,6 +142,10 @@ class RunConfig:
     review_gap: float = 0.15
     review_max_mb: float = 200.0
     review_every_s: float = 30.0
+    catalog: bool = False  # position, catalog look-up and `agrees` in every file's record
+    catalog_file: str | None = None  # None: $NEBULA_CATALOG or models/skycatalog.npz
+    solve: bool = False  # plate-solve files without a header position (implies catalog)
+    solve_cpulimit_s: int = 30
 
     def validate(self) -> "RunConfig":
         if self.source not in SOURCES:
@@ -157,6 +173,7 @@ class RunConfig:
             (self.num_threads is None or self.num_threads >= 1, "num_threads must be at least 1"),
             (0 <= self.review_below <= 1 and 0 <= self.review_gap <= 1, "review below and gap must be between 0 and 1"),
             (self.review_max_mb > 0 and self.review_every_s >= 0, "review max_mb must be positive, every_s 0 or more"),
+            (self.solve_cpulimit_s >= 1, "solve_cpulimit_s must be at least 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -179,6 +196,8 @@ _TOML_KEYS = {
     "web.max_uploads": "max_uploads", "web.upload_timeout_s": "upload_timeout_s",
     "review.enabled": "review", "review.dir": "review_dir", "review.below": "review_below", "review.gap": "review_gap",
     "review.max_mb": "review_max_mb", "review.every_s": "review_every_s",
+    "catalog.enabled": "catalog", "catalog.file": "catalog_file", "catalog.solve": "solve",
+    "catalog.solve_cpulimit_s": "solve_cpulimit_s",
 }
 _TYPES = {
     "source": str, "watch_dir": str, "poll_s": float, "model": str, "num_threads": int, "threshold": float,
@@ -187,6 +206,7 @@ _TYPES = {
     "settle_s": float, "truncated_grace_s": float, "log_fsync_s": float, "log_max_mb": float, "log_keep": int,
     "max_uploads": int, "upload_timeout_s": float,
     "review": bool, "review_dir": str, "review_below": float, "review_gap": float, "review_max_mb": float, "review_every_s": float,
+    "catalog": bool, "catalog_file": str, "solve": bool, "solve_cpulimit_s": int,
 }
 assert set(_TYPES) == {f.name for f in fields(RunConfig)}
 
@@ -251,7 +271,8 @@ def resolve(flags: dict, config_path: str | Path | None = None, env=os.environ) 
     if flags.get("watch_dir") and flags.get("source") is None:
         values["source"] = "watch"
     config = RunConfig(**values)
-    for name in ("log", "watch_dir", "model", "review_dir"):
+    config.catalog = config.catalog or config.solve  # a solved position is only worth having to look it up
+    for name in ("log", "watch_dir", "model", "review_dir", "catalog_file"):
         if getattr(config, name):
             setattr(config, name, str(Path(getattr(config, name)).expanduser()))
     return config.validate(), files

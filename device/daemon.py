@@ -71,8 +71,10 @@ class Daemon:
         sidecar: bool = False,
         on_result: Callable[[dict, Frame], None] | None = None,
         lock: threading.Lock | None = None,
+        identifier=None,
     ):
         self.classifier, self.source, self.log = classifier, source, log
+        self.identifier = identifier  # nebula.device.identify.Identifier: captures' position and catalog answer
         self.threshold, self.top_k, self.max_fps, self.max_frames = threshold, top_k, max_fps, max_frames
         self.sidecar, self.on_result = sidecar, on_result
         self.lock = lock or threading.Lock()  # the interpreter is not thread-safe: shared with the web page
@@ -128,7 +130,8 @@ class Daemon:
         averaged = self.smoother.add(single.probabilities)
         answer = Prediction.from_probabilities(averaged, self.classifier.labels, self.top_k, self.threshold)
         answer.timings_ms = single.timings_ms  # the model's time is this frame's, whatever the smoothing
-        record = ResultRecord.answer(answer, self.classifier.sha256, **where, extras=extras)
+        sky = self.identifier.identify(frame.path, answer.label) if self.identifier and frame.path is not None else None
+        record = ResultRecord.answer(answer, self.classifier.sha256, **where, extras=extras, **(sky.fields() if sky else {}))
         if self.source.live:
             record.frame_label = single.label
             record.smoothed_over = len(self.smoother)
@@ -197,9 +200,14 @@ def run(
     """
     from nebula.device.classify import open_classifier
 
+    from nebula.device.identify import Identifier
+
     classifier = open_classifier(config.model, config.num_threads, config.tta)
     for note in classifier.runtime_notes if verbose else ():
         announce(note)
+    identifier = Identifier.from_config(config)
+    for problem in identifier.problems() if identifier else ():
+        announce(f"warning: {problem}")
     source = source or make_source(config)
     lock = threading.Lock()
     server = None
@@ -216,7 +224,8 @@ def run(
         state = LiveState()
         server = start_server(classifier, config.host, config.port, state=state, lock=lock,
                               threshold=config.threshold, top_k=config.top_k,
-                              max_uploads=config.max_uploads, upload_timeout_s=config.upload_timeout_s, review=review)
+                              max_uploads=config.max_uploads, upload_timeout_s=config.upload_timeout_s, review=review,
+                              identifier=identifier)
         callbacks.append(state.update)
         announce(f"web page: {server.url}")
 
@@ -231,7 +240,7 @@ def run(
         daemon = Daemon(
             classifier, source, log, threshold=config.threshold, top_k=config.top_k, smooth=config.smooth,
             max_fps=config.max_fps, max_frames=config.max_frames, sidecar=config.sidecar,
-            on_result=notify if callbacks else None, lock=lock,
+            on_result=notify if callbacks else None, lock=lock, identifier=identifier,
         )
         announce(f"classifying {config.source}{' ' + str(config.watch_dir) if config.source == 'watch' else ''} "
                  f"with {classifier.path}; results in {config.log}")

@@ -38,6 +38,14 @@ class ResultRecord:
       model_sha256  which model answered
       utc           when (``utc_now()``); classify leaves it off its error and skipped lines
 
+    Where it points and what is there (``--catalog``, or ``[catalog] enabled`` in the config; files only):
+      position      {ra, dec, field_deg, width_deg, height_deg, source: "header" | "solve", target}
+      catalog       {main: object, next: [objects]}: designation, name, type, label, label_rule,
+                    size_arcmin, offset_arcmin, fill, score (`nebula.device.skycatalog`)
+      agrees        the model's label is the catalog's label for the main object (left out when
+                    either has none)
+      position_note why there is no position (or no catalog), and header warnings; one line
+
     Or why there is none (the run goes on either way):
       skipped       the reason it was deliberately not classified (a dark, flat or bias frame)
       error         the cause, one line
@@ -48,6 +56,7 @@ class ResultRecord:
 
     Written afterwards:
       sidecar_error a watched capture whose <capture>.json could not be written
+      annotated_fits the annotated copy of a FITS file (``--annotate-fits DIR``), or why there is none
 
     extras: the source's own keys, appended as they are: ``size``, ``mtime_ns``, ``target``,
     ``filter``, ``decode_ms`` (watched captures); ``exposure_us``, ``gain``, ``sensor_timestamp_ns``
@@ -62,12 +71,17 @@ class ResultRecord:
     inference_ms: float | None = None
     decode_ms: float | None = _not_in_csv()
     model_sha256: str | None = None
+    position: dict | None = _not_in_csv()
+    catalog: dict | None = _not_in_csv()
+    agrees: bool | None = None
+    position_note: str | None = None
     utc: str | None = field(default_factory=utc_now)
     skipped: str | None = None
     error: str | None = None
     frame_label: str | None = _not_in_csv()
     smoothed_over: int | None = _not_in_csv()
     sidecar_error: str | None = _not_in_csv()
+    annotated_fits: str | None = None
     extras: dict = field(default_factory=dict, metadata={"csv": False})
 
     @classmethod

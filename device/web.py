@@ -147,8 +147,9 @@ class WebApp:
     def __init__(self, classifier, state: LiveState | None = None, lock: threading.Lock | None = None,
                  max_upload: int = MAX_UPLOAD, threshold: float = RunConfig.threshold, top_k: int = RunConfig.top_k,
                  max_uploads: int = RunConfig.max_uploads, upload_timeout_s: float = RunConfig.upload_timeout_s,
-                 review=None):
+                 review=None, identifier=None):
         self.classifier = classifier
+        self.identifier = identifier  # nebula.device.identify.Identifier: the catalog's answer beside the model's
         self.state = state or LiveState()
         self.lock = lock or threading.Lock()
         self.max_upload, self.threshold, self.top_k = max_upload, threshold, top_k
@@ -179,7 +180,7 @@ class WebApp:
         path.rename(typed)
         # The same decoder as every input: the same pixel limit, binning and one-line errors.
         result = self._decoders.submit(classify_file, self.classifier, typed, top_k=self.top_k, threshold=self.threshold,
-                                       lock=self.lock).result()
+                                       lock=self.lock, identifier=self.identifier).result()
         if result.skipped is not None:
             raise UploadError(HTTPStatus.UNPROCESSABLE_ENTITY, f"{name}: not classified: {result.skipped}")
         if result.error is not None:

@@ -4,7 +4,7 @@ Each command's module is imported only when that command runs (or when
 ``nebula --help`` lists them), so ``nebula classify`` on a Raspberry Pi loads
 nothing from nebula.train or nebula.convert. Device commands (classify, bench,
 run, serve) import no TensorFlow; workstation commands (data, backbone, train,
-crossval, evaluate, convert) import it inside the command.
+crossval, evaluate, convert, catalog) import it inside the command.
 """
 
 import importlib
@@ -20,6 +20,7 @@ COMMANDS = {
     "train": "nebula.train.cli:train",
     "crossval": "nebula.train.cli:crossval",
     "evaluate": "nebula.train.cli:evaluate",
+    "catalog": "nebula.train.cli:catalog",
     "convert": "nebula.convert.cli:convert",
     "classify": "nebula.device.cli:classify",
     "bench": "nebula.device.cli:bench",
@@ -47,7 +48,7 @@ def cli():
     """Tell what kind of nebula a telescope is looking at.
 
     \b
-    Workstation:  nebula data stellarium -> nebula train -> nebula convert
+    Workstation:  nebula data stellarium -> nebula train -> nebula convert; nebula catalog build
     Raspberry Pi: nebula classify PHOTO.jpg | nebula run --source camera --web
 
     Run 'nebula COMMAND --help' for each command's options and an example.

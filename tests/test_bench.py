@@ -51,3 +51,17 @@ def test_tiny_bench_reports_every_stage(tiny_model_file, tmp_path):
 def test_bench_without_a_model_is_one_line(tmp_path):
     result = CliRunner().invoke(cli, ["bench", "--model", str(tmp_path / "none.tflite"), "--images", "2"])
     assert result.exit_code == 2 and "make convert" in result.stderr
+
+
+def test_bench_measures_a_fits_capture_with_the_catalog(tiny_model_file, tmp_path):
+    from nebula.device import skycatalog
+
+    catalog = skycatalog.write(tmp_path / "sky.npz", [skycatalog.CatalogEntry(("M 42",), 83.82, -5.39, 1.4, 17, "emission")], {})
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(cli, ["bench", "--model", str(tiny_model_file), "--images", "2", "--size", "320x240",
+                                      "--threads", "1", "--catalog-file", str(catalog), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    memory = report["memory"]
+    assert 0 < memory["fits_peak_rss_mb"] <= memory["fits_catalog_peak_rss_mb"] and report["catalog_file"] == str(catalog)
+    assert "FITS frame with --catalog" in result.stdout

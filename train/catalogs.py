@@ -22,73 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-# Nebula::NebulaType (Stellarium src/core/modules/Nebula.hpp): code -> (description, label or None when vague).
-STELLARIUM_TYPES: dict[int, tuple[str, str | None]] = {
-    0: ("galaxy", "other"),
-    1: ("active galaxy", "other"),
-    2: ("radio galaxy", "other"),
-    3: ("interacting galaxy", "other"),
-    4: ("quasar", "other"),
-    5: ("star cluster", "other"),
-    6: ("open star cluster", "other"),
-    7: ("globular star cluster", "other"),
-    8: ("stellar association", "other"),
-    9: ("star cloud", "other"),
-    10: ("nebula", None),
-    11: ("planetary nebula", "planetary"),
-    12: ("dark nebula", "dark"),
-    13: ("reflection nebula", "reflection"),
-    14: ("bipolar nebula", None),
-    15: ("emission nebula", "emission"),
-    16: ("cluster associated with nebulosity", None),
-    17: ("HII region", "emission"),
-    18: ("supernova remnant", "supernova_remnant"),
-    19: ("interstellar matter", None),
-    20: ("emission object", None),
-    21: ("BL Lac object", "other"),
-    22: ("blazar", "other"),
-    23: ("molecular cloud", "dark"),
-    24: ("young stellar object", None),
-    25: ("possible quasar", "other"),
-    26: ("possible planetary nebula", "planetary"),
-    27: ("protoplanetary nebula", "protoplanetary"),
-    28: ("star", "other"),
-    29: ("symbiotic star", "other"),
-    30: ("emission-line star", "other"),
-    31: ("supernova candidate", None),
-    32: ("supernova remnant candidate", "supernova_remnant"),
-    33: ("cluster of galaxies", "other"),
-    34: ("part of a galaxy", "other"),
-    35: ("region of the sky", None),
-    36: ("object of unknown nature", None),
-}
-
-# OpenNGC object types (pyongc's objTypes table) -> label, or None when vague.
-OPENNGC_TYPES: dict[str, str | None] = {
-    "PN": "planetary", "HII": "emission", "EmN": "emission", "RfN": "reflection", "SNR": "supernova_remnant",
-    "DrkN": "dark", "G": "other", "GPair": "other", "GTrpl": "other", "GGroup": "other", "GCl": "other",
-    "OCl": "other", "*": "other", "**": "other", "*Ass": "other", "Nova": "other",
-    "Neb": None, "Cl+N": None, "Other": None, "NonEx": None, "Dup": None,
-}
-
-# Catalogs whose membership alone says what an object is (the "catalog-prefix rule").
-PREFIX_LABELS: dict[str, tuple[str, str]] = {
-    "B": ("dark", "Barnard's catalogue of dark markings"),
-    "LDN": ("dark", "Lynds' catalogue of dark nebulae"),
-    "vdB": ("reflection", "van den Bergh's catalogue of reflection nebulae"),
-    "Sh2": ("emission", "Sharpless' catalogue of H II regions"),
-    "RCW": ("emission", "Rodgers-Campbell-Whiteoak catalogue of H-alpha emission regions"),
-    "Abell": ("planetary", "Abell's catalogue of planetary nebulae"),
-    "PK": ("planetary", "Perek-Kohoutek catalogue of planetary nebulae"),
-    "PN G": ("planetary", "Strasbourg-ESO catalogue of galactic planetary nebulae"),
-    "SNR G": ("supernova_remnant", "Green's catalogue of galactic supernova remnants"),
-    "UGC": ("other", "Uppsala General Catalogue of galaxies"),
-    "PGC": ("other", "Principal Galaxies Catalogue"),
-    "ACO": ("other", "Abell-Corwin-Olowin catalogue of galaxy clusters"),
-    "Arp": ("other", "Arp's atlas of peculiar galaxies"),
-    "Cr": ("other", "Collinder's catalogue of open clusters"),
-    "Mel": ("other", "Melotte's catalogue of star clusters"),
-}
+# The type -> label rules are the device's (it labels catalog look-ups on the Pi with them): one home, imported here.
+from nebula.device.skycatalog import OPENNGC_TYPES, PREFIX_LABELS, STELLARIUM_TYPES  # noqa: F401  (re-exported)
 
 # Stellarium record fields after the morphological type, in stream order (Nebula::readDSO, catalog 3.16).
 _INT_IDS = ("NGC", "IC", "M", "C", "B", "Sh2", "vdB", "RCW", "LDN", "LBN", "Cr", "Mel", "PGC", "UGC")

@@ -394,3 +394,113 @@ def crossval(data, out, backbone_name, folds, views, augment_recipe, crops, clas
                             crops=crops, class_balance=class_balance, repeats=repeats, seed=seed)
     record = run_crossval(config, echo=lambda line: click.echo(line, err=True))
     click.echo(summary(record))
+
+
+@click.group()
+def catalog():
+    """The sky catalog the device looks positions up in: build it, and measure it against Stellarium's photos."""
+
+
+@catalog.command("build")
+@click.option("--source", type=click.Path(file_okay=False), default=None,
+              help="Stellarium's nebulae folder [default: /usr/share/stellarium/nebulae/default].")
+@click.option("--out", type=click.Path(dir_okay=False), default="models/skycatalog.npz", show_default=True,
+              help="Catalog file to write; copy it beside the model on the Pi.")
+def catalog_build(source, out):
+    """Write the compact catalog file the device reads (a few MB, loads in milliseconds).
+
+    Every object of Stellarium's deep-sky catalog, with its designations, proper
+    name, type and our label, given by the same rules that label the training set
+    (overrides, Stellarium's type, OpenNGC's type, morphology, catalog prefix).
+
+    \b
+    Example:
+      nebula catalog build --out models/skycatalog.npz
+      scp models/skycatalog.npz pi@telescope.local:/opt/nebula-classifier/models/
+    """
+    require("pyongc", "catalog build")
+    from collections import Counter
+    from pathlib import Path
+
+    from nebula.train import catalog_file
+    from nebula.train.catalogs import CatalogError
+    from nebula.train.stellarium import DEFAULT_SOURCE
+
+    folder = Path(source) if source else DEFAULT_SOURCE
+    if not (folder / "catalog.dat").exists():
+        raise click.ClickException(f"{folder}: no catalog.dat (Stellarium's nebulae folder; apt install stellarium-data)")
+    try:
+        path, entries = catalog_file.build(folder, out)
+    except CatalogError as err:
+        raise click.ClickException(str(err)) from None
+    labels = Counter(e.label or "no label" for e in entries)
+    click.echo(f"wrote {path}: {len(entries)} objects, {path.stat().st_size / 1e6:.2f} MB")
+    click.echo("labels: " + ", ".join(f"{label} {n}" for label, n in labels.most_common()))
+
+
+@catalog.command("evaluate")
+@click.option("--dataset", type=click.Path(exists=True, file_okay=False), default="data/stellarium", show_default=True,
+              help="A dataset built by 'nebula data stellarium' (its manifest names each photo's source file).")
+@click.option("--source", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Stellarium's nebulae folder [default: /usr/share/stellarium/nebulae/default].")
+@click.option("--catalog", "catalog_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Catalog file [default: $NEBULA_CATALOG or models/skycatalog.npz].")
+@click.option("--sample", default=40, show_default=True, type=click.IntRange(0),
+              help="Photographs to plate-solve, spread over the field-size bins (0: no solving).")
+@click.option("--cpulimit", default=20, show_default=True, type=click.IntRange(1), help="CPU seconds per solve.")
+@click.option("--blind", is_flag=True, help="Solve without the scale hint (the footprint's field size) too.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=None,
+              help="Wall-clock seconds per solve [default: the device's, 3 x --cpulimit + 30]; raise it on a busy machine.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write every photo's outcome here.")
+def catalog_evaluate(dataset, source, catalog_path, sample, cpulimit, blind, timeout_s, json_out):
+    """Measure plate solving and the catalog's labels on Stellarium's photographs.
+
+    (a) Solves a sample of photographs (no position hint; the footprint's field size
+    as the scale hint, as a header's optics give, unless --blind) and reports, per
+    field-size bin, the share solved and the median distance from the footprint's centre.
+    (b) Looks every dataset photograph's footprint up in the catalog and reports how
+    often the main object's label is the dataset's label.
+
+    \b
+    Example:
+      nice -n 10 nebula catalog evaluate --dataset data/stellarium --sample 40 --cpulimit 20
+    """
+    from pathlib import Path
+
+    from nebula.device import platesolve
+    from nebula.device.cli import _progress_line
+    from nebula.device.skycatalog import CatalogFileError, SkyCatalog
+    from nebula.train import catalog_evaluate as evaluation
+    from nebula.train.stellarium import DEFAULT_SOURCE
+
+    folder = Path(source) if source else DEFAULT_SOURCE
+    try:
+        sky = SkyCatalog.load(catalog_path)
+    except CatalogFileError as err:
+        raise click.ClickException(str(err)) from None
+    import json
+    from dataclasses import asdict
+
+    labels = evaluation.evaluate_labels(Path(dataset), folder, sky)
+    click.echo(f"(b) catalog label of the main object in each photo's footprint, against {dataset}:")
+    click.echo(evaluation.labels_table(labels))
+    outcomes = []
+
+    def write_json():
+        if json_out:
+            Path(json_out).write_text(json.dumps({"labels": [asdict(o) for o in labels],
+                                                  "solving": [asdict(o) for o in outcomes]}, indent=1) + "\n")
+
+    if sample == 0:
+        return write_json()
+    missing = platesolve.unavailable_reason()
+    if missing:
+        raise click.ClickException(missing)
+    per_bin = max(1, sample // (len(evaluation.FIELD_BINS_ARCMIN) - 1))
+    outcomes = evaluation.evaluate_solving(folder, per_bin, cpulimit, scale_hint=not blind, timeout_s=timeout_s,
+                                           progress=_progress_line)
+    hint = "no hints" if blind else "scale hint: the footprint's field size"
+    click.echo(f"\n(a) plate solving of {len(outcomes)} photos (solve-field, --cpulimit {cpulimit}, {hint}), "
+               "error = solved centre to footprint centre:")
+    click.echo(evaluation.solving_table(outcomes))
+    write_json()

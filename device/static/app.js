@@ -14,6 +14,26 @@ function itemName(record) {
   return "frame " + record.frame;
 }
 
+// The catalog's answer for the record's field, beside the model's: "catalog: M 42 (Great Orion Nebula),
+// HII region → emission · agrees"; why there is none; or "" when the catalog look-up is off.
+function catalogText(record) {
+  if (record.position === undefined) return record.position_note ? "position: " + record.position_note : "";
+  const main = record.catalog ? record.catalog.main : null;
+  let text;
+  if (!record.catalog) {
+    text = "no catalog";
+  } else if (!main) {
+    text = "no catalog object in the field";
+  } else {
+    text = main.designation + (main.name ? " (" + main.name + ")" : "") + ", " + main.type + " → " + (main.label || "no label");
+    text += record.agrees === true ? " · agrees with the model" : record.agrees === false ? " · the model disagrees" : "";
+  }
+  const p = record.position;
+  const where = p.source + " " + p.ra.toFixed(3) + " " + (p.dec >= 0 ? "+" : "") + p.dec.toFixed(3) +
+    (p.field_deg ? ", field " + (60 * p.field_deg).toFixed(0) + "′" : "");
+  return "catalog: " + text + " [" + where + "]";
+}
+
 function showLive(data) {
   const latest = data.latest;
   if (data.model) {
@@ -38,6 +58,7 @@ function showLive(data) {
     $("live-score").textContent = percent(latest.score);
     $("live-meta").textContent = itemName(latest) + " · " + latest.utc;
   }
+  $("live-catalog").textContent = latest.label !== undefined ? catalogText(latest) : "";
   const list = $("history");
   list.replaceChildren(...data.history.map((item) => {
     const li = document.createElement("li");
@@ -61,6 +82,7 @@ function showResult(result) {
   $("result-file").textContent = result.file;
   $("result-label").textContent = result.label;
   $("result-score").textContent = percent(result.score);
+  $("result-catalog").textContent = catalogText(result);
   const bars = $("result-bars");
   bars.replaceChildren(...result.top_k.map(([label, score]) => {
     const row = document.createElement("div");
