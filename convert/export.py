@@ -52,8 +52,12 @@ class ConversionReport:
 
 
 def representative_images(run, count: int, seed: int) -> list[np.ndarray]:
-    """`count` training-split images, picked with a fixed seed, prepared exactly as the device does."""
-    rows = sorted(run.splits["train"], key=lambda r: r.file)
+    """`count` training-split photographs, picked with a fixed seed, prepared exactly as the device does.
+
+    Whole photographs only: the int8 ranges should be those of what the device is shown, and the
+    catalog-guided crops (darker, closer fields) are training material, not frames.
+    """
+    rows = sorted((r for r in run.splits["train"] if r.origin != "crop"), key=lambda r: r.file)
     random.Random(seed).shuffle(rows)
     images = []
     for row in rows:
