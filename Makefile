@@ -1,7 +1,7 @@
 # Every target is one line you could type yourself. `make` runs the whole main job.
 .PHONY: all setup data catalog train convert demo test bench crossval clean
 
-all: setup data train convert demo
+all: setup data catalog train convert demo
 
 setup:
 	python3 -m venv .venv && .venv/bin/pip install --upgrade pip && .venv/bin/pip install -e '.[train,dev]'
