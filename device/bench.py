@@ -116,7 +116,7 @@ print(json.dumps({
     "error": result.error,
     "tensorflow_loaded": any(m.split(".")[0] in ("tensorflow", "keras") for m in sys.modules),
     "astropy_loaded": "astropy" in sys.modules,
-    "catalog_main": (result.sky.catalog or {}).get("main", {}).get("designation") if result.sky and result.sky.catalog else None,
+    "catalog_main": ((result.sky.catalog or {}).get("main") or {}).get("designation") if result.sky else None,
 }))
 """
 

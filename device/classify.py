@@ -136,11 +136,11 @@ def _annotate(result: Result, out_dir: str | Path, model_sha256: str) -> str:
     from nebula.device.identify import annotate_fits
 
     path = Path(result.file)
-    with open(path, "rb") as file:
-        kind = by_content(file.read(80)) or by_name(path.name)
-    if kind is None or kind.name != "FITS":
-        return "not annotated: not a FITS file"
     try:
+        with open(path, "rb") as file:
+            kind = by_content(file.read(80)) or by_name(path.name)
+        if kind is None or kind.name != "FITS":
+            return "not annotated: not a FITS file"
         return str(annotate_fits(path, out_dir, result.record(model_sha256).to_dict()))
     except (OSError, ValueError) as err:
         return f"not annotated: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"

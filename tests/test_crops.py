@@ -147,3 +147,39 @@ def test_real_crops_keep_photos_and_objects_on_one_side(tmp_path):
     for r in crops_rows:  # one object cut from several photos: one group
         assert by_object.setdefault(r.designation, r.group) == r.group, r.designation
     assert (tmp_path / "set" / "crops_dark.png").exists() and (tmp_path / "set" / "crops_dropped.csv").exists()
+
+
+def test_crossval_command_runs_end_to_end_on_tiny_skies(tmp_path, monkeypatch):
+    """nebula crossval on generated skies: every photo scored once, the JSON and the PNG written, the cache reused."""
+    import json
+
+    from click.testing import CliRunner
+    from conftest import write_sky_folder
+
+    from nebula.cli import cli
+    from nebula.train import crossval
+    from nebula.train.manifest import load_dataset, write_manifest
+
+    monkeypatch.setattr(crossval, "FEATURE_CACHE", tmp_path / "cache")
+    data = write_sky_folder(tmp_path / "sky", per_label=12, size=48)
+    rows = load_dataset(data)
+    groups = sorted({row.group for row in rows})
+    for row in rows:  # one photographer per object group, six photographers
+        person = groups.index(row.group) % 6
+        row.credit = f"Photographer {person} <http://example.org/{person}>"
+    write_manifest(rows, data / "manifest.csv")
+    args = ["crossval", "--data", str(data), "--out", str(tmp_path / "cv"), "--backbone", "tiny", "--folds", "3",
+            "--views", "2", "--repeats", "2"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "cv" / "crossval.json").read_text())
+    assert record["photographs"] == len(rows) and record["photographers"] == 6
+    assert sum(f["test_images"] for f in record["folds"]) == len(rows)
+    assert record["repeats"]["n"] == 2 and len(record["repeats"]["macro_f1"]["values"]) == 2
+    assert (tmp_path / "cv" / "crossval_confusion.png").stat().st_size > 0
+    assert "Leave-photographers-out" in result.output and "over 2 repeats" in result.output
+    again = CliRunner().invoke(cli, args)  # the features come from the cache the first run wrote
+    assert again.exit_code == 0 and "computing features" not in again.output
+    assert json.loads((tmp_path / "cv" / "crossval.json").read_text())["macro_f1"] == record["macro_f1"]
+    too_many = CliRunner().invoke(cli, [*args[:8], "12", *args[9:]])  # 12 folds of 6 photographers: some fold is empty
+    assert too_many.exit_code == 1 and "too few photographers or object groups" in too_many.output

@@ -386,13 +386,16 @@ def crossval(data, out, backbone_name, folds, views, augment_recipe, crops, clas
       nebula crossval --data data/stellarium --out models/crossval/nocrops --no-crops
     """
     require_workstation("crossval")
-    from nebula.train.crossval import CrossvalConfig, crossval as run_crossval, summary
+    from nebula.train.crossval import CrossvalConfig, CrossvalError, crossval as run_crossval, summary
 
     if augment_recipe not in _augment_recipes():
         raise click.BadParameter(f"{augment_recipe!r} is not one of {', '.join(_augment_recipes())}", param_hint="--augment")
     config = CrossvalConfig(data=data, out=out, backbone=backbone_name, folds=folds, views=views, augment=augment_recipe,
                             crops=crops, class_balance=class_balance, repeats=repeats, seed=seed)
-    record = run_crossval(config, echo=lambda line: click.echo(line, err=True))
+    try:
+        record = run_crossval(config, echo=lambda line: click.echo(line, err=True))
+    except CrossvalError as err:
+        raise click.ClickException(str(err)) from None
     click.echo(summary(record))
 
 

@@ -41,6 +41,10 @@ CROSSVAL_NAME = "crossval.json"
 FEATURE_CACHE = Path.home() / ".cache" / "nebula-classifier" / "features"
 
 
+class CrossvalError(ValueError):
+    """A dataset that cannot be cross-validated as asked; the message is one line saying why."""
+
+
 @dataclass
 class CrossvalConfig:
     data: str
@@ -143,7 +147,7 @@ def crossval(config: CrossvalConfig, echo: Callable[[str], None] = print) -> dic
     }
     out.mkdir(parents=True, exist_ok=True)
     runfiles.write_json(out / CROSSVAL_NAME, record)
-    report.confusion_png(scores, out / "crossval_confusion.png", title=f"Leave-photographers-out ({config.folds} folds)")
+    report.confusion_png(record, out / "crossval_confusion.png", title=f"Leave-photographers-out ({config.folds} folds)")
     return record
 
 
@@ -164,6 +168,10 @@ def _one_pass(rows, views, truth_index, labels, fold_of, config: CrossvalConfig,
         val_groups = {r.group for r in inner["val"]}
         val_idx = [i for i in train_idx if rows[i].origin != "crop" and rows[i].group in val_groups]
         fit_idx = [i for i in train_idx if rows[i].group not in val_groups]
+        if not val_idx or not fit_idx or not test_idx:
+            raise CrossvalError(f"fold {k + 1} of {config.folds} leaves {len(fit_idx)} training, {len(val_idx)} validation "
+                                f"and {len(test_idx)} test images: too few photographers or object groups for "
+                                f"{config.folds} folds (try fewer --folds)")
         x = views[fit_idx].reshape(len(fit_idx) * config.views, -1)
         y = np.repeat(truth_index[fit_idx], config.views)
         weights = class_weights(y, len(labels), config.class_balance)[y]
@@ -222,20 +230,34 @@ def _view_features(rows, data_dir: Path, spec, labels, config: CrossvalConfig, e
     """(readable rows, (N, views, D) pooled features): computed once per image and recipe, then read from a cache.
 
     The cache (~/.cache/nebula-classifier/features/) is keyed by everything that changes a feature -- backbone,
-    weights, int8 rounding, preprocessing, augmentation recipe, seed, views -- and each image by its path, size and
-    modification time, so comparing recipes pays only for what differs.
+    weights, int8 rounding, preprocessing, augmentation recipe, seed, views, and the source of the code that makes
+    the views and the features -- and each image by its path, size and modification time, so comparing recipes
+    pays only for what differs, and an edit to the augmentation or the backbone never reuses stale features.
     """
-    from nebula.train import augment as augmentation, backbones, int8_grid
+    import os
+    import zipfile
+
+    from nebula.device import decode, preprocess
+    from nebula.train import augment as augmentation, backbones, dataset, efficientnet_lite, int8_grid, unit_chain
     from nebula.train.dataset import augmented_views, decode_rows
     from nebula.train.fit import _predict_with_progress
 
+    code = hashlib.sha1(b"".join(Path(m.__file__).read_bytes() for m in (
+        augmentation, backbones, dataset, efficientnet_lite, int8_grid, unit_chain, decode, preprocess))).hexdigest()
     recipe = json.dumps([config.backbone, config.weights, config.snap_weights, spec.to_dict(), config.augment,
-                         config.seed, config.views], sort_keys=True)
+                         config.seed, config.views, code], sort_keys=True)
     cache_path = FEATURE_CACHE / f"{hashlib.sha1(recipe.encode()).hexdigest()[:16]}.npz"
-    cached = dict(np.load(cache_path)) if cache_path.exists() else {}
+    try:
+        cached = dict(np.load(cache_path)) if cache_path.exists() else {}
+    except (OSError, ValueError, zipfile.BadZipFile) as err:  # a cache cut short: start it again
+        echo(f"feature cache {cache_path} unreadable ({err}); computing it again")
+        cached = {}
 
     def image_key(row) -> str:
-        stat = (data_dir / row.file).stat()
+        try:
+            stat = (data_dir / row.file).stat()
+        except OSError:  # missing: decode_rows says so in one line and skips it
+            return f"missing:{row.file}"
         return hashlib.sha1(f"{row.file}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
 
     keys = [image_key(r) for r in rows]
@@ -254,7 +276,9 @@ def _view_features(rows, data_dir: Path, spec, labels, config: CrossvalConfig, e
         fresh = {image_key(r): f for r, f in zip(decoded.rows, features)}
         cached.update(fresh)
         FEATURE_CACHE.mkdir(parents=True, exist_ok=True)
-        np.savez(cache_path, **cached)
+        partial = cache_path.with_name(cache_path.stem + ".partial.npz")
+        np.savez(partial, **cached)
+        os.replace(partial, cache_path)  # a cut-short write never replaces a good cache
         unreadable = {r.file for r in missing} - {r.file for r in decoded.rows}
         keep = [i for i, r in enumerate(rows) if r.file not in unreadable]
         rows, keys = [rows[i] for i in keep], [keys[i] for i in keep]
