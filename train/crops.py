@@ -70,8 +70,6 @@ class Crop:
     box: tuple[int, int, int, int]  # left, top, right, bottom in source pixels
     framing: float
     object_px: float  # the object's major axis in source pixels
-    centre: tuple[float, float, float] = (0.0, 0.0, 1.0)  # the object's unit vector on the sky
-    radius_deg: float = 0.0  # half the crop's side on the sky
 
 
 @dataclass(frozen=True)
@@ -172,8 +170,7 @@ def plan_crops(texture, luminance: np.ndarray, photo_object, photo_label: str, c
             if (window == 0).mean() > EMPTY_BLACK_FRACTION or np.percentile(window, 99) < EMPTY_LEVEL:
                 dropped.append(Dropped(obj.designation, label, "empty", f"framing {framing}: transparent border or nothing visible"))
                 continue
-            kept.append(Crop(obj.designation, label, reason, box, framing, size_px, tuple(map(float, xyz)),
-                             (box[2] - box[0]) * footprint.deg_per_px / 2))
+            kept.append(Crop(obj.designation, label, reason, box, framing, size_px))
         crops += kept
         if len({c.designation for c in crops}) >= MAX_OBJECTS_PER_PHOTO:
             break

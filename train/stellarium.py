@@ -494,10 +494,6 @@ def build(source: str | Path = DEFAULT_SOURCE, out: str | Path = "data/stellariu
     return rows
 
 
-def _separation_deg(a, b) -> float:
-    return math.degrees(math.acos(float(np.clip(np.dot(a, b), -1.0, 1.0))))
-
-
 def _crop_name(item: Labelled, crop) -> str:
     slug = re.sub(r"[^a-z0-9.+-]+", "", crop.designation.lower().replace(" ", ""))
     return f"{crop.label}/crops/{item.texture.stem}__{slug}__x{crop.framing:g}.png"
@@ -516,19 +512,6 @@ def _write_crops(out: Path, crop_items, labelled: list[Labelled]) -> list[Manife
         groups.union(f"stem:{item.texture.stem}", f"object:{_group_key(crop.designation)}")
         if obj_group:
             groups.union(f"object:{_group_key(crop.designation)}", f"group:{obj_group}")
-    # A crop is a smaller field than its photo: it may match another photographer's close-up of that patch of sky
-    # (the rule label_textures applies between photos, at a comparable scale): such photos join the crop's group.
-    if crop_items:
-        centres = np.array([crop.centre for _, _, crop in crop_items])
-        for other in labelled:
-            inside = other.texture.contains(centres)
-            for (item, _, crop), hit in zip(crop_items, inside):
-                if item is other:
-                    continue
-                overlaps = hit or _separation_deg(other.texture.centre, crop.centre) < crop.radius_deg
-                small, big = sorted((crop.radius_deg, other.texture.radius))
-                if overlaps and big <= OVERLAP_SCALE * small:
-                    groups.union(f"stem:{item.texture.stem}", f"stem:{other.texture.stem}")
     names: dict[str, str] = {}
     for key in sorted(groups.parent, key=lambda k: (not k.startswith("group:"), k)):
         names.setdefault(groups.find(key), key.split(":", 1)[1])
