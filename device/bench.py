@@ -133,7 +133,8 @@ def write_peak(path=sys.argv[3]):
 atexit.register(write_peak)  # click ends the command with sys.exit
 from nebula.cli import main
 
-sys.argv = ["nebula", "classify", "--model", sys.argv[1], "--num-threads", "1", sys.argv[2]]
+# An empty config file: the user's /etc or ~/.config settings (catalog on, tta 8, ...) must not change the figure.
+sys.argv = ["nebula", "classify", "--model", sys.argv[1], "--num-threads", "1", "--config", sys.argv[4], sys.argv[2]]
 main()
 """
 
@@ -317,8 +318,10 @@ def _cli_peak_kb(model_path: Path, image: Path) -> int | None:
         return None
     with tempfile.TemporaryDirectory() as folder:
         peak_file = Path(folder) / "peak_kb"
-        done = subprocess.run([sys.executable, "-c", _CLI_CHILD, str(model_path), str(image), str(peak_file)],
-                              capture_output=True, text=True, timeout=300)
+        empty_config = Path(folder) / "config.toml"
+        empty_config.write_text("")
+        done = subprocess.run([sys.executable, "-c", _CLI_CHILD, str(model_path), str(image), str(peak_file),
+                               str(empty_config)], capture_output=True, text=True, timeout=300)
         if done.returncode != 0 or not peak_file.exists():
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
             raise BenchError(f"'nebula classify' failed in the memory check (exit {done.returncode}): {last}")
