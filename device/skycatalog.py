@@ -183,7 +183,8 @@ def agreement(model_label: str | None, catalog_label: str | None) -> bool | None
     return model_label == catalog_label
 
 
-def _unit(ra_deg, dec_deg) -> np.ndarray:
+def unit_vectors(ra_deg, dec_deg) -> np.ndarray:
+    """Unit vectors (..., 3) of sky positions in degrees: the one conversion every sky module uses."""
     ra, dec = np.radians(ra_deg), np.radians(dec_deg)
     return np.stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)], axis=-1)
 
@@ -230,7 +231,7 @@ class SkyCatalog:
                    len(self.rule_index), len(self.offsets) - 1}
         if len(lengths) != 1:
             raise CatalogFileError(f"{self.path}: arrays of different lengths {sorted(lengths)}: a corrupt catalog file")
-        self.xyz = _unit(self.ra, self.dec).astype(np.float32)
+        self.xyz = unit_vectors(self.ra, self.dec).astype(np.float32)
 
     def __len__(self) -> int:
         return len(self.ra)
@@ -265,7 +266,7 @@ class SkyCatalog:
         field_radius = math.sqrt(width * height / math.pi)
         reach = math.hypot(width, height) / 2
         radius = np.maximum(self.size, UNKNOWN_SIZE_DEG) / 2
-        centre = _unit(position.ra, position.dec).astype(np.float32)
+        centre = unit_vectors(position.ra, position.dec).astype(np.float32)
         cosine = self.xyz @ centre
         # float32 dot products pick the candidates (a 0.01 deg margin covers their rounding) ...
         near = np.nonzero(cosine >= np.cos(np.radians(np.minimum(reach + radius + 0.01, 180.0))))[0]

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from nebula.cli import cli
+from nebula.device.skycatalog import unit_vectors
 from nebula.train import stellarium
 from nebula.train.catalogs import CatalogError, StellariumCatalog, parse_designation, read_stellarium_catalog
 from nebula.train.manifest import LABELS, grouped_split, read_manifest
@@ -68,8 +69,8 @@ def test_footprint_contains_its_centre_and_handles_negative_ra():
     m6 = stellarium.Texture("m6.png", [(-94.6498, -32.5023), (-95.2120, -32.5211), (-95.2327, -32.0470), (-94.6735, -32.0283)])
     ra, dec = m6.centre_radec
     assert ra == pytest.approx(265.06, abs=0.02) and dec == pytest.approx(-32.27, abs=0.02)
-    inside = stellarium._unit(265.05, -32.25)
-    outside = stellarium._unit(266.5, -32.25)
+    inside = unit_vectors(265.05, -32.25)
+    outside = unit_vectors(266.5, -32.25)
     assert m6.contains(np.stack([inside, outside])).tolist() == [True, False]
 
 

@@ -24,6 +24,7 @@ import numpy as np
 
 # The type -> label rules are the device's (it labels catalog look-ups on the Pi with them): one home, imported here.
 from nebula.device.skycatalog import OPENNGC_TYPES, PREFIX_LABELS, STELLARIUM_TYPES  # noqa: F401  (re-exported)
+from nebula.device.skycatalog import unit_vectors
 
 # Stellarium record fields after the morphological type, in stream order (Nebula::readDSO, catalog 3.16).
 _INT_IDS = ("NGC", "IC", "M", "C", "B", "Sh2", "vdB", "RCW", "LDN", "LBN", "Cr", "Mel", "PGC", "UGC")
@@ -206,8 +207,7 @@ class StellariumCatalog:
             self.by_id.setdefault(f"DSO {obj.number}", obj)
             for key in obj.ids:
                 self.by_id.setdefault(key, obj)
-        ra, dec = np.radians([o.ra for o in objects]), np.radians([o.dec for o in objects])
-        self.positions = np.stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)], axis=1)  # unit vectors
+        self.positions = unit_vectors([o.ra for o in objects], [o.dec for o in objects]).reshape(-1, 3)
 
     @classmethod
     def load(cls, folder: str | Path) -> "StellariumCatalog":

@@ -47,6 +47,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nebula.device.skycatalog import unit_vectors
+
 MIN_OBJECT_PX = 40  # object's major axis in source pixels
 MIN_CROP_PX = 96  # crop side in source pixels
 MAX_FRACTION = 0.8  # crop side at most this fraction of the photo's shorter side
@@ -97,19 +99,16 @@ class Footprint:
     TEXTURE_CORNERS = np.array([[0, 0], [1, 0], [1, 1], [0, 1]], dtype=np.float64)
 
     def __init__(self, texture, width: int, height: int):
-        from nebula.train.stellarium import _unit
-
         self.texture, self.width, self.height = texture, width, height
-        self._corners_plane = texture._project(_unit(*np.array(texture.corners).T))
-        self._to_uv = _homography(self._corners_plane, self.TEXTURE_CORNERS)
+        corners = texture.corner_vectors
+        self._to_uv = _homography(texture.project(corners), self.TEXTURE_CORNERS)
         # Degrees per pixel along each axis, from the footprint's edge lengths.
-        corners = _unit(*np.array(texture.corners).T)
         angle = lambda a, b: math.degrees(math.acos(float(np.clip(corners[a] @ corners[b], -1, 1))))  # noqa: E731
         self.deg_per_px = 0.5 * ((angle(0, 1) + angle(3, 2)) / 2 / width + (angle(0, 3) + angle(1, 2)) / 2 / height)
 
     def pixels(self, xyz: np.ndarray) -> np.ndarray:
         """(N, 2) pixel positions (x right, y down) of unit vectors (N, 3)."""
-        plane = self.texture._project(np.atleast_2d(xyz))
+        plane = self.texture.project(np.atleast_2d(xyz))
         uvw = np.c_[plane, np.ones(len(plane))] @ self._to_uv.T
         uv = uvw[:, :2] / uvw[:, 2:3]
         return np.c_[uv[:, 0] * self.width, (1 - uv[:, 1]) * self.height]
@@ -213,7 +212,7 @@ def _separation(a: np.ndarray, b: np.ndarray) -> float:
 def _conflict(obj, label, xyz, photo_object, photo_label, nebulae) -> tuple[str, str] | None:
     """(rule, detail) when a crop's label would mislead, else None."""
     if photo_object is not None and photo_label == "other" and obj is not photo_object:
-        main_xyz = _unit_of(photo_object)
+        main_xyz = unit_vectors(photo_object.ra, photo_object.dec)
         if photo_object.size > 0 and _separation(xyz, main_xyz) < photo_object.size / 2:
             return "inside-other", f"inside {photo_object.designation} ({photo_object.type_name}), the photo's main object"
     if label != "dark":
@@ -223,11 +222,6 @@ def _conflict(obj, label, xyz, photo_object, photo_label, nebulae) -> tuple[str,
             if _separation(xyz, other_xyz) < other_size / 2:
                 return "enclosed", f"inside {other.designation} ({other_label}), {other_size / obj.size:.0f}x larger"
     return None
-
-
-def _unit_of(obj) -> np.ndarray:
-    ra, dec = math.radians(obj.ra), math.radians(obj.dec)
-    return np.array([math.cos(dec) * math.cos(ra), math.cos(dec) * math.sin(ra), math.sin(dec)])
 
 
 def cut(image, crop: Crop):

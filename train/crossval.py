@@ -240,7 +240,7 @@ def _view_features(rows, data_dir: Path, spec, labels, config: CrossvalConfig, e
     from nebula.device import decode, preprocess
     from nebula.train import augment as augmentation, backbones, dataset, efficientnet_lite, int8_grid, unit_chain
     from nebula.train.dataset import augmented_views, decode_rows
-    from nebula.train.fit import _predict_with_progress
+    from nebula.train.fit import predict_with_progress
 
     code = hashlib.sha1(b"".join(Path(m.__file__).read_bytes() for m in (
         augmentation, backbones, dataset, efficientnet_lite, int8_grid, unit_chain, decode, preprocess))).hexdigest()
@@ -269,7 +269,7 @@ def _view_features(rows, data_dir: Path, spec, labels, config: CrossvalConfig, e
         if config.snap_weights:
             int8_grid.snap(backbone)
         backbone.trainable = False
-        features = _predict_with_progress(
+        features = predict_with_progress(
             backbone, augmented_views(decoded, spec, config.views, config.seed, config.batch_size,
                                       augmentation.RECIPES[config.augment]),
             len(decoded) * config.views, config.batch_size, "views").reshape(len(decoded), config.views, -1)

@@ -281,7 +281,7 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> TrainResu
     n_views = len(train_images) * config.views
     echo(f"caching the frozen bottom ({cut} of {len(backbone.layers)} layers) for {n_views} training views")
     augmenter = RECIPES[config.augment]
-    cached_train = _predict_with_progress(bottom, augmented_views(train_images, spec, config.views, config.seed, config.batch_size, augmenter),
+    cached_train = predict_with_progress(bottom, augmented_views(train_images, spec, config.views, config.seed, config.batch_size, augmenter),
                                           n_views, config.batch_size, "training views")
     cached_val = bottom.predict(image_batches(val_images.prepared, config.batch_size), verbose=0)
     y_train = view_labels(train_images, config.views)
@@ -407,7 +407,7 @@ def _chain(layers, inputs, name):
     return keras.Model(inputs, x, name=name)
 
 
-def _predict_with_progress(model, dataset, total: int, batch_size: int, desc: str) -> np.ndarray:
+def predict_with_progress(model, dataset, total: int, batch_size: int, desc: str) -> np.ndarray:
     import keras
     from tqdm import tqdm
 

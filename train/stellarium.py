@@ -29,6 +29,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from nebula.device.skycatalog import unit_vectors
 from nebula.train import catalogs
 from nebula.train.catalogs import Dso, OpenNgc, StellariumCatalog, parse_designation
 from nebula.train.manifest import LABELS, MANIFEST_NAME, ManifestRow, group_from_stem, write_manifest
@@ -115,11 +116,6 @@ def parse_lenient_json(text: str, source: str = "<text>"):
         raise StellariumError(f"{source}: not readable even as lenient JSON (line {err.lineno}: {err.msg})") from None
 
 
-def _unit(ra_deg, dec_deg) -> np.ndarray:
-    ra, dec = np.radians(ra_deg), np.radians(dec_deg)
-    return np.stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)], axis=-1)
-
-
 @dataclass
 class Texture:
     """One photograph of textures.json: its file, credit, and sky footprint (corners in degrees)."""
@@ -134,9 +130,14 @@ class Texture:
         return Path(self.image).stem
 
     @property
+    def corner_vectors(self) -> np.ndarray:
+        """Unit vectors (4 x 3) of the footprint's corners."""
+        return unit_vectors(*np.array(self.corners).T)
+
+    @property
     def centre(self) -> np.ndarray:
         """Unit vector of the footprint's centre (mean of its corners; safe across RA 0/360)."""
-        mean = _unit(*np.array(self.corners).T).mean(axis=0)
+        mean = self.corner_vectors.mean(axis=0)
         return mean / np.linalg.norm(mean)
 
     @property
@@ -147,12 +148,12 @@ class Texture:
     @property
     def radius(self) -> float:
         """Degrees from the centre to the farthest corner."""
-        return math.degrees(math.acos(float(np.clip((_unit(*np.array(self.corners).T) @ self.centre).min(), -1, 1))))
+        return math.degrees(math.acos(float(np.clip((self.corner_vectors @ self.centre).min(), -1, 1))))
 
     def contains(self, xyz: np.ndarray) -> np.ndarray:
         """Whether each unit vector (N x 3) lies inside the footprint (gnomonic projection about its centre)."""
         xyz = np.atleast_2d(xyz)
-        polygon, points = self._project(_unit(*np.array(self.corners).T)), self._project(xyz)
+        polygon, points = self.project(self.corner_vectors), self.project(xyz)
         inside = np.zeros(len(xyz), dtype=bool)
         x, y = points[:, 0], points[:, 1]
         for (x1, y1), (x2, y2) in zip(polygon, np.roll(polygon, -1, axis=0)):
@@ -162,7 +163,8 @@ class Texture:
             inside ^= crosses & (x < x_at)
         return inside & (xyz @ self.centre > 0)
 
-    def _project(self, xyz: np.ndarray) -> np.ndarray:
+    def project(self, xyz: np.ndarray) -> np.ndarray:
+        """Gnomonic (tangent-plane) coordinates of unit vectors (N x 3) about the footprint's centre."""
         centre = self.centre
         east = np.cross([0.0, 0.0, 1.0], centre)
         east = east / np.linalg.norm(east) if np.linalg.norm(east) > 1e-9 else np.array([0.0, 1.0, 0.0])
