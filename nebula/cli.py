@@ -19,6 +19,7 @@ COMMANDS = {
     "backbone": "nebula.train.cli:backbone",
     "train": "nebula.train.cli:train",
     "crossval": "nebula.train.cli:crossval",
+    "crossval-compare": "nebula.train.cli:crossval_compare",
     "evaluate": "nebula.train.cli:evaluate",
     "catalog": "nebula.train.cli:catalog",
     "convert": "nebula.convert.cli:convert",

@@ -181,5 +181,13 @@ def test_crossval_command_runs_end_to_end_on_tiny_skies(tmp_path, monkeypatch):
     again = CliRunner().invoke(cli, args)  # the features come from the cache the first run wrote
     assert again.exit_code == 0 and "computing features" not in again.output
     assert json.loads((tmp_path / "cv" / "crossval.json").read_text())["macro_f1"] == record["macro_f1"]
+    oof = record["out_of_fold"]  # every photo's answer per repeat, for crossval-compare
+    assert len(oof["files"]) == len(rows) and len(oof["predicted"]) == 2 and len(set(oof["photographers"])) == 6
+    itself = CliRunner().invoke(cli, ["crossval-compare", str(tmp_path / "cv"), str(tmp_path / "cv"), "--resamples", "200",
+                                      "--json", str(tmp_path / "compare.json")])
+    assert itself.exit_code == 0, itself.output
+    compared = json.loads((tmp_path / "compare.json").read_text())
+    assert compared["macro_f1"]["a"] == pytest.approx(record["repeats"]["macro_f1"]["values"])  # the same scorer
+    assert compared["macro_f1"]["difference_mean"] == 0 and "B ahead in 0.0% of draws" in itself.output
     too_many = CliRunner().invoke(cli, [*args[:8], "12", *args[9:]])  # 12 folds of 6 photographers: some fold is empty
     assert too_many.exit_code == 1 and "too few photographers or object groups" in too_many.output

@@ -399,6 +399,42 @@ def crossval(data, out, backbone_name, folds, views, augment_recipe, crops, clas
     click.echo(summary(record))
 
 
+@click.command("crossval-compare")
+@click.argument("before", type=click.Path(exists=True))
+@click.argument("after", type=click.Path(exists=True))
+@click.option("--resamples", default=2000, show_default=True, type=click.IntRange(100), help="Bootstrap draws of photographers.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the bootstrap draws.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the comparison as JSON here.")
+def crossval_compare(before, after, resamples, seed, json_out):
+    """Is AFTER's recipe better than BEFORE's, or only within the noise? (two 'nebula crossval' folders)
+
+    Both runs must have the same --seed, --folds and --repeats, so the same
+    photographers were held out together: their answers are then paired photo by
+    photo. Prints macro-F1 per repeat for both and the difference, and a paired
+    bootstrap over photographers (the 95 % interval of the difference, and how
+    often AFTER comes out ahead). Needs no TensorFlow.
+
+    \b
+    Example:
+      nebula crossval --data data/stellarium --out models/crossval/before --augment sky --no-crops --repeats 3
+      nebula crossval --data data/stellarium --out models/crossval/default --repeats 3
+      nebula crossval-compare models/crossval/before models/crossval/default
+    """
+    import json
+    from pathlib import Path
+
+    from nebula.train.crossval_compare import CompareError, compare, load_record, summary
+
+    try:
+        result = compare(load_record(before), load_record(after), resamples=resamples, seed=seed)
+    except CompareError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(summary(result, before, after))
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+        click.echo(f"Wrote {json_out}")
+
+
 @click.group()
 def catalog():
     """The sky catalog the device looks positions up in: build it, and measure it against Stellarium's photos."""

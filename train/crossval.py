@@ -135,6 +135,13 @@ def crossval(config: CrossvalConfig, echo: Callable[[str], None] = print) -> dic
         keras.utils.set_random_seed(config.seed + repeat)
         fold_of = assign_folds(photos, config.folds, config.seed + repeat)
         passes.append(_one_pass(rows, views, truth_index, labels, fold_of, config, repeat, echo))
+    # every photograph's answer in every repeat, so two recipes can be compared photo by photo (crossval_compare.py)
+    by_file = {r.file: r for r in rows}
+    files = passes[0].pop("scored_files")
+    out_of_fold = {"files": files, "photographers": [photographer(by_file[f]) for f in files],
+                   "truth": passes[0].pop("scored_truth"), "predicted": [p.pop("scored_predicted") for p in passes]}
+    for p in passes[1:]:  # every repeat scores every photograph, in the rows' order
+        assert p.pop("scored_files") == files and p.pop("scored_truth") == out_of_fold["truth"]
     record = {
         "config": asdict(config),
         "labels": labels,
@@ -143,6 +150,7 @@ def crossval(config: CrossvalConfig, echo: Callable[[str], None] = print) -> dic
         "crops_used": sum(r.origin == "crop" for r in rows),
         **{k: v for k, v in passes[0].items() if k != "photographs"},
         "repeats": _spread(passes, labels),
+        "out_of_fold": out_of_fold,
         "wall_time_s": round(time.perf_counter() - t_start, 1),
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -208,6 +216,9 @@ def _one_pass(rows, views, truth_index, labels, fold_of, config: CrossvalConfig,
                         "ece_after": calibrate.expected_calibration_error(probs_cal, y),
                         "nll_before": calibrate.nll(probs, y), "nll_after": calibrate.nll(probs_cal, y)},
         "folds": per_fold,
+        "scored_files": [rows[i].file for i in scored],
+        "scored_truth": truth,
+        "scored_predicted": [labels[i] for i in probs.argmax(1)],
     }
 
 
