@@ -73,6 +73,11 @@ def _identifier(config):
     return identifier
 
 
+review_dir_option = click.option("--review-dir", type=click.Path(file_okay=False),
+                                 help="The review folder (nebula run queues into it, /review labels it) "
+                                      "[default: review/ beside the log].")
+
+
 def config_option(what: str = ""):
     return click.option("--config", "config_file", type=click.Path(dir_okay=False),
                         help=f"TOML config file{what} [default: /etc/nebula-classifier/config.toml, "
@@ -239,7 +244,7 @@ def port_option(what: str = "Web page port"):
 @click.option("--max-frames", type=click.IntRange(1), help="Stop after this many items [default: run until stopped].")
 @click.option("--review/--no-review", default=None,
               help="Copy uncertain items to the review folder, to label on the page's /review [default: yes].")
-@click.option("--review-dir", type=click.Path(file_okay=False), help="The review folder [default: review/ beside the log].")
+@review_dir_option
 @num_threads_option
 @tta_option
 @catalog_options
@@ -295,15 +300,17 @@ def run(config_file, verbose, **flags):
 @num_threads_option
 @tta_option
 @catalog_options
-@config_option(" (its [web] settings, model, num_threads, threshold, top_k, tta and [catalog])")
+@review_dir_option
+@config_option(" (its [web] settings, model, num_threads, threshold, top_k, tta, [review] and [catalog])")
 @verbose_option
 @formats.in_help
-def serve(host, port, model, threshold, top_k, num_threads, tta, catalog, solve, catalog_file, config_file, verbose):
+def serve(host, port, model, threshold, top_k, num_threads, tta, catalog, solve, catalog_file, review_dir, config_file, verbose):
     """Serve the local web page: upload a photo, see the top candidates with confidence bars.
 
     Uploads up to 25 MB of {formats} (checked by content). For the
     live view of the telescope, use 'nebula run --web' instead. /review labels the
-    uncertain frames 'nebula run' queued (the [review] settings). Stops on Ctrl-C or SIGTERM.
+    uncertain frames 'nebula run' queued (--review-dir, as given to 'nebula run', or the [review] settings).
+    Stops on Ctrl-C or SIGTERM.
 
     \b
     Example:
@@ -312,13 +319,15 @@ def serve(host, port, model, threshold, top_k, num_threads, tta, catalog, solve,
     from nebula.device import web
 
     flags = {"host": host, "port": port, "model": model, "threshold": threshold, "top_k": top_k, "num_threads": num_threads,
-             "tta": tta, "catalog": catalog, "solve": solve, "catalog_file": catalog_file}
+             "tta": tta, "catalog": catalog, "solve": solve, "catalog_file": catalog_file, "review_dir": review_dir}
     config, _ = _run_config(flags, config_file)
     classifier = _classifier(config.model, config.num_threads, config.tta)
     _show_runtime_notes(classifier, verbose)
     from nebula.device.review import ReviewQueue, review_folder  # the review view labels what nebula run queued
 
     review = ReviewQueue.from_config(config) if config.review and review_folder(config).is_dir() else None
+    if config.review and config.review_dir and review is None:  # named, so a typo should not pass for an empty queue
+        click.echo(f"warning: {config.review_dir}: no such review folder; /review is off", err=True)
     try:
         web.serve(classifier, config.host, config.port, announce=lambda line: click.echo(line, err=True),
                   threshold=config.threshold, top_k=config.top_k,

@@ -2,7 +2,8 @@
 
 Every item the source yields gets exactly one line in an append-only JSON-lines
 log (`nebula.device.resultslog`: written whole, fsynced within ``log_fsync_s``,
-rotated by size between lines), so a kill loses nothing already classified. Each line is a
+rotated by size between lines, held in memory and retried while the disk refuses
+it), so a kill loses nothing already classified and a full disk stops nothing. Each line is a
 `nebula.device.record.ResultRecord` (its docstring lists the fields), as
 ``nebula classify --format jsonl`` writes them, with the source's extras; a failed
 or skipped item gets its line too, and the loop goes on.
@@ -233,7 +234,8 @@ def run(
         for callback in callbacks:
             callback(record, frame)
 
-    log = ResultsLog(config.log, fsync_s=config.log_fsync_s, max_bytes=int(config.log_max_mb * 2**20), keep=config.log_keep)
+    log = ResultsLog(config.log, fsync_s=config.log_fsync_s, max_bytes=int(config.log_max_mb * 2**20), keep=config.log_keep,
+                     echo=announce)
     try:
         source.open(classifier.spec)
         write_resolved(config, list(config_files), {"model_path": str(classifier.path), "model_sha256": classifier.sha256})

@@ -11,12 +11,13 @@ the cause; calibration frames are a `SkippedImage`, not an error.
 - JPEG: decoded at reduced size when much larger than the model input (PIL's
   ``draft``: the DCT scales by 1/2, 1/4 or 1/8), so a camera-sized file costs
   little more than the model; upright per EXIF orientation.
-- PNG: palette, grey and 16-bit; alpha is flattened onto black (the sky's colour).
+- PNG: palette, grey and 16-bit (RGB, RGBA, grey, grey+alpha); alpha is composited onto
+  black (the sky's colour), at 16 bits for 16-bit images.
 - TIFF: 8 and 16 bit. 16-bit data goes through the FITS module's linear test:
   a linear export (median in the bottom few percent, see `nebula.device.fits`)
   is auto-stretched like a FITS frame, a finished picture is scaled to 8 bits
   (v / 257). PIL has no 16-bit RGB mode and keeps only each sample's high byte,
-  so 16-bit RGB PNGs and TIFFs (any compression PIL reads) are decoded twice, the
+  so 16-bit RGB(A) PNGs and TIFFs (any compression PIL reads) are decoded twice, the
   second time with the byte order swapped, which yields the low bytes: all 16 bits
   reach the stretch, and PIL's own decoders do the work.
 - FITS: `nebula.device.fits` (astropy, imported only for FITS inputs).
@@ -63,7 +64,11 @@ _UPRIGHT = {
 }
 # A 16-bit RGB rawmode -> the one that reads the other byte of each sample as PIL's 8 bits.
 _NATIVE16 = "RGB;16L" if sys.byteorder == "little" else "RGB;16B"
-_SWAPPED16 = {"RGB;16L": "RGB;16B", "RGB;16B": "RGB;16L", "RGB;16N": "RGB;16B" if _NATIVE16 == "RGB;16L" else "RGB;16L"}
+_SWAPPED16 = {"RGB;16L": "RGB;16B", "RGB;16B": "RGB;16L", "RGB;16N": "RGB;16B" if _NATIVE16 == "RGB;16L" else "RGB;16L",
+              "RGBA;16L": "RGBA;16B", "RGBA;16B": "RGBA;16L"}
+# PIL opens a 16-bit grey+alpha PNG as RGBA from "LA;16B" (high bytes only) and has no LA;16L. Its four bytes a
+# pixel, read as 8-bit "RGBA", are grey high, grey low, alpha high, alpha low: all 16 bits in one decode.
+_GREY_ALPHA16 = "LA;16B"
 _OPEN_CAUSES = {
     errno.ENOENT: "no such file",
     errno.EISDIR: "is a folder, not an image",
@@ -171,7 +176,7 @@ def _load_with_pil(file, path: Path, spec: PreprocessSpec | None) -> np.ndarray:
             image = Image.open(file)
             if spec is not None and image.format == "JPEG":
                 image.draft("RGB", spec.content_size(*image.size))
-            rgb16 = _decode_rgb16(file, image) if _is_16bit_rgb(image) else None
+            rgb16 = _decode_16bit(file, image)
             if rgb16 is None:
                 image.load()  # decode now, so a truncated file fails here and not later
             upright = _UPRIGHT.get(image.getexif().get(_EXIF_ORIENTATION, 1))
@@ -186,6 +191,8 @@ def _load_with_pil(file, path: Path, spec: PreprocessSpec | None) -> np.ndarray:
     if rgb16 is not None:
         planes = np.moveaxis(rgb16, 2, 0).astype(np.float32)
         del rgb16
+        if len(planes) in (2, 4):  # alpha composited onto black (the sky's colour), as to_rgb_array does at 8 bits
+            planes = planes[:-1] * (planes[-1] / np.float32(65535.0))
         if spec is not None:
             planes = fits.bin_to(planes, spec.content_size)
         array = _display_or_error(path, planes, 65535.0)
@@ -223,8 +230,19 @@ def _display_or_error(path: Path, planes: np.ndarray, full_scale: float | None) 
         raise ImageError(path, str(cause)) from None
 
 
-def _is_16bit_rgb(image: Image.Image) -> bool:
-    return image.mode == "RGB" and bool(image.tile) and all(_rawmode(tile) in _SWAPPED16 for tile in image.tile)
+def _decode_16bit(file, image: Image.Image) -> np.ndarray | None:
+    """All 16 bits of a 16-bit RGB, RGBA or grey+alpha image as HxWxC uint16 (C = 3, 4 or 2), else None."""
+    rawmodes = {_rawmode(tile) for tile in image.tile} if image.tile else set()
+    if image.mode in ("RGB", "RGBA") and rawmodes and rawmodes <= set(_SWAPPED16):
+        return _decode_rgb16(file, image)
+    if image.mode == "RGBA" and rawmodes == {_GREY_ALPHA16}:
+        image.tile = [_with_rawmode(tile, "RGBA") for tile in image.tile]
+        image.load()
+        bytes_ = np.asarray(image).astype(np.uint16)
+        out = bytes_[..., 0::2] << 8
+        out |= bytes_[..., 1::2]
+        return out  # grey, alpha
+    return None
 
 
 def _rawmode(tile):
@@ -233,7 +251,7 @@ def _rawmode(tile):
 
 
 def _decode_rgb16(file, image: Image.Image) -> np.ndarray:
-    """A 16-bit RGB PNG or TIFF as an HxWx3 uint16 array: PIL's high bytes, then the low bytes by a swapped rawmode."""
+    """A 16-bit RGB(A) PNG or TIFF as an HxWxC uint16 array: PIL's high bytes, then the low bytes by a swapped rawmode."""
     image.load()
     high = np.asarray(image)
     file.seek(0)

@@ -11,6 +11,13 @@
   file is renamed to ``<log>.1`` (``.1`` to ``.2``, ... up to ``keep`` files) and
   a new one begun: rotation happens between lines, so no line is ever split
   across two files.
+- **A full disk does not stop the daemon.** A line that cannot be written (ENOSPC,
+  EIO, any OSError) is kept in memory, at most ``max_pending`` lines (`MAX_PENDING`,
+  10,000: a few MB; past that the oldest are dropped, and that is said), and
+  retried before the next line, in order; a part of a line the disk took is cut
+  off again first, so no line is ever glued to another. One stderr line names
+  the log and the cause when writing starts failing, one when the held lines are
+  written, and `close` says how many could never be written.
 - **The watched folder's memory survives rotation.** `processed_files` reads the
   log and every rotated file. Before the oldest rotated file is deleted, the
   capture keys in it whose file still exists unchanged are carried into
@@ -23,25 +30,39 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
+from collections import deque
 from pathlib import Path
+from typing import Callable
 
 from nebula.device.config import RunConfig
+
+MAX_PENDING = 10_000  # lines held in memory while the disk refuses them; a result line is a few hundred bytes
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 class ResultsLog:
     """Append JSON records as lines; see the module docstring for durability and rotation."""
 
     def __init__(self, path: str | Path, fsync_s: float = RunConfig.log_fsync_s,
-                 max_bytes: int = int(RunConfig.log_max_mb * 2**20), keep: int = RunConfig.log_keep):
-        if fsync_s < 0 or max_bytes < 0 or keep < 1:
-            raise ValueError("fsync_s and max_bytes must be 0 or more, keep at least 1")
+                 max_bytes: int = int(RunConfig.log_max_mb * 2**20), keep: int = RunConfig.log_keep,
+                 echo: Callable[[str], None] = _to_stderr, max_pending: int = MAX_PENDING):
+        if fsync_s < 0 or max_bytes < 0 or keep < 1 or max_pending < 1:
+            raise ValueError("fsync_s and max_bytes must be 0 or more, keep at least 1, max_pending at least 1")
         self.path = Path(path)
         self.fsync_s, self.max_bytes, self.keep = fsync_s, max_bytes, keep
+        self.echo, self.max_pending = echo, max_pending
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._timer: threading.Timer | None = None
         self._dirty = False
+        self._pending: deque[bytes] = deque()  # lines the disk refused, oldest first
+        self._failing: str | None = None  # the cause while writes fail, so it is said once, not per line
+        self._dropped = 0
         self._fd = self._open()
 
     def _open(self) -> int:
@@ -53,14 +74,31 @@ class ResultsLog:
         return fd
 
     def write(self, record: dict) -> None:
+        """Append one record as a line; never raises for the disk (see "A full disk" in the module docstring)."""
         line = (json.dumps(record, separators=(", ", ": ")) + "\n").encode("utf-8")
         with self._lock:
-            if self.max_bytes and self._size and self._size + len(line) > self.max_bytes:
-                self._rotate()
-            _write_all(self._fd, line)
-            self._size += len(line)
+            held = len(self._pending)
+            if held:
+                try:  # the held lines first, so a full buffer drops one only when the disk still refuses
+                    self._write_pending()
+                except OSError:
+                    pass
+            if len(self._pending) >= self.max_pending:
+                self._pending.popleft()
+                self._dropped += 1
+                if self._dropped == 1:
+                    self.echo(f"results log {self.path}: {self.max_pending} lines held in memory, the most it keeps; "
+                              "dropping the oldest until the disk takes lines again")
+            self._pending.append(line)
+            try:
+                self._write_pending()
+            except OSError as err:
+                self._say_failing(err)
+                return
+            if self._failing is not None:
+                self._say_recovered(held)
             if self.fsync_s == 0:
-                os.fsync(self._fd)
+                self._fsync_now()
             else:
                 self._dirty = True
                 if self._timer is None:
@@ -68,19 +106,53 @@ class ResultsLog:
                     self._timer.daemon = True
                     self._timer.start()
 
+    def _write_pending(self) -> None:
+        """Write the held lines in order; a line leaves the buffer only once it is whole in the file."""
+        if self._fd is None:
+            self._fd = self._open()  # a rotation that failed half-way closed it
+        if os.fstat(self._fd).st_size > self._size:
+            os.ftruncate(self._fd, self._size)  # part of a line a full disk took: cut, so the next line starts clean
+        while self._pending:
+            line = self._pending[0]
+            if self.max_bytes and self._size and self._size + len(line) > self.max_bytes:
+                self._rotate()
+            _write_all(self._fd, line)
+            self._size += len(line)
+            self._pending.popleft()
+
+    def _say_failing(self, err: OSError) -> None:
+        cause = err.strerror or str(err)
+        if cause != self._failing:
+            self.echo(f"results log {self.path}: cannot write ({cause}); {_lines(len(self._pending))} held in memory "
+                      f"(at most {self.max_pending}, then the oldest are dropped), retried before the next line")
+        self._failing = cause
+
+    def _say_recovered(self, held: int) -> None:
+        dropped = f"; the {self._dropped} oldest had to be dropped" if self._dropped else ""
+        self.echo(f"results log {self.path}: writing again; wrote the {_lines(held)} held in memory{dropped}")
+        self._failing, self._dropped = None, 0
+
+    def _fsync_now(self) -> None:
+        try:
+            os.fsync(self._fd)
+            self._dirty = False
+        except OSError as err:  # the lines are in the page cache; the next sync tries again
+            self._dirty = True
+            self.echo(f"results log {self.path}: cannot sync to disk ({err.strerror or err}); tried again with the next line")
+
     def _sync_pending(self) -> None:
         with self._lock:
             self._timer = None
             if self._dirty and self._fd is not None:
-                os.fsync(self._fd)
-                self._dirty = False
+                self._fsync_now()
 
     def rotated(self, n: int) -> Path:
         return self.path.with_name(f"{self.path.name}.{n}")
 
     def _rotate(self) -> None:
         os.fsync(self._fd)
-        os.close(self._fd)
+        fd, self._fd = self._fd, None  # closed from here: a failure below reopens on the next write
+        os.close(fd)
         self._dirty = False
         oldest = self.rotated(self.keep)
         if oldest.exists():
@@ -94,14 +166,28 @@ class ResultsLog:
         _fsync_folder(self.path.parent)
 
     def close(self) -> None:
+        """Write what is held (one last try), sync and close; what still cannot be written is said lost."""
         with self._lock:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
+            if self._pending:
+                held = len(self._pending)
+                try:
+                    self._write_pending()
+                    self._say_recovered(held)
+                except OSError as err:
+                    self.echo(f"results log {self.path}: {_lines(len(self._pending))} could not be written "
+                              f"({err.strerror or err}) and are lost")
+                    self._pending.clear()
             if self._fd is not None:
-                os.fsync(self._fd)
+                self._fsync_now()
                 os.close(self._fd)
                 self._fd = None
+
+
+def _lines(n: int) -> str:
+    return f"{n} line{'' if n == 1 else 's'}"
 
 
 def done_path(log: str | Path) -> Path:

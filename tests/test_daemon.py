@@ -262,3 +262,30 @@ def test_a_rotated_log_still_remembers_every_capture_across_a_restart(tiny_model
     assert run(config, announce=lambda line: None).count == 1
     assert Path(_lines(log)[-1]["file"]).name == "M42_005.png"
     assert len(processed_files(log)) == 6
+
+
+def test_a_full_disk_does_not_stop_the_loop_and_every_frame_gets_its_line_once_there_is_room(classifier, tmp_path, monkeypatch):
+    import errno
+
+    from nebula.device import resultslog
+
+    real_write, full = os.write, {"now": False}
+
+    def write(fd, data):  # ENOSPC for the log's folder only, while `full`
+        if full["now"] and os.readlink(f"/proc/self/fd/{fd}").startswith(str(tmp_path)):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    def disk_fills_then_frees(record, _frame):
+        full["now"] = 3 <= record["frame"] < 9
+
+    monkeypatch.setattr(resultslog.os, "write", write)
+    said = []
+    source = FakeCamera()
+    source.open(classifier.spec)
+    daemon = Daemon(classifier, source, ResultsLog(tmp_path / "r.jsonl", echo=said.append), max_frames=12,
+                    on_result=disk_fills_then_frees)
+    assert daemon.run() == 12
+    daemon.log.close()
+    assert [line["frame"] for line in _lines(tmp_path / "r.jsonl")] == list(range(1, 13))
+    assert len(said) == 2 and "No space left on device" in said[0] and "6 lines" in said[1], said

@@ -561,17 +561,19 @@ def test_fits_without_finite_pixels_or_too_small_says_which(tmp_path, data, caus
 
 
 def write_png16(path, array):
-    """A 16-bit RGB PNG (PIL cannot write one), rows filtered with Sub so the decoder's unfiltering is exercised."""
-    height, width, _ = array.shape
-    rows = np.ascontiguousarray(array, dtype=">u2").view(np.uint8).reshape(height, width * 6).astype(np.int16)
+    """A 16-bit RGB, RGBA or grey+alpha PNG (HxWx3, 4 or 2; PIL cannot write them), rows filtered with Sub so the
+    decoder's unfiltering is exercised."""
+    height, width, channels = array.shape
+    step = 2 * channels
+    rows = np.ascontiguousarray(array, dtype=">u2").view(np.uint8).reshape(height, width * step).astype(np.int16)
     sub = rows.copy()
-    sub[:, 6:] -= rows[:, :-6]
+    sub[:, step:] -= rows[:, :-step]
     raw = b"".join(b"\x01" + (row % 256).astype(np.uint8).tobytes() for row in sub)
 
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    ihdr = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    ihdr = struct.pack(">IIBBBBB", width, height, 16, {3: 2, 4: 6, 2: 4}[channels], 0, 0, 0)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
     return path
 
@@ -587,6 +589,36 @@ def test_16bit_rgb_png_and_tiff_keep_their_16_bits_into_the_stretch(tmp_path):
     for path in (write_png16(tmp_path / "rgb16.png", hwc), write_tiff16(tmp_path / "raw.tif", hwc),
                  tmp_path / "deflate.tif", tmp_path / "big_endian.tif"):
         assert (load_image(path) == reference).all(), path.name
+
+
+def test_16bit_rgba_and_grey_alpha_png_keep_their_16_bits_alpha_composited_onto_black(tmp_path):
+    cube = linear_frame(seed=2)  # all in the low byte's range for a 16 -> 8 bit cut: the 8-bit path loses it
+    hwc = np.moveaxis(cube, 0, 2)
+    opaque = np.full(hwc.shape[:2] + (1,), 65535, np.uint16)
+    rgba = write_png16(tmp_path / "rgba16.png", np.concatenate([hwc, opaque], axis=2))
+    grey_alpha = write_png16(tmp_path / "la16.png", np.concatenate([hwc[..., :1], opaque], axis=2))
+    assert (load_image(rgba) == load_image(write_fits(tmp_path / "rgb.fits", cube))).all()
+    assert (load_image(grey_alpha) == load_image(write_fits(tmp_path / "grey.fits", cube[0]))).all()
+    # Part transparent: each pixel times its alpha, as the 8-bit path's composite onto black does.
+    alpha = np.linspace(0.5, 1.0, hwc.shape[1])[None, :] * np.ones(hwc.shape[:2])
+    alpha16 = np.round(alpha * 65535).astype(np.uint16)
+    composited = cube * (alpha16 / 65535.0)[None].astype(np.float32)
+    got = load_image(write_png16(tmp_path / "half.png", np.concatenate([hwc, alpha16[..., None]], axis=2)))
+    assert np.abs(got.astype(int) - load_image(write_fits(tmp_path / "half.fits", composited.astype(np.float32)))).max() <= 1
+
+
+def test_a_finished_16bit_rgba_png_matches_the_8bit_path_within_one_step(tmp_path):
+    rng = np.random.default_rng(5)
+    rgba = rng.integers(0, 65536, (40, 50, 4)).astype(np.uint16)
+    rgba[..., 3] = rng.integers(20000, 65536, (40, 50))  # bright (not linear) and part transparent
+    eight = tmp_path / "rgba8.png"
+    Image.fromarray(np.round(rgba / 257.0).astype(np.uint8), "RGBA").save(eight)
+    got = load_image(write_png16(tmp_path / "rgba16.png", rgba)).astype(int)
+    assert np.abs(got - load_image(eight).astype(int)).max() <= 1
+    grey_alpha = rgba[..., [0, 3]]
+    Image.fromarray(np.round(grey_alpha / 257.0).astype(np.uint8), "LA").save(tmp_path / "la8.png")
+    got = load_image(write_png16(tmp_path / "la16.png", grey_alpha)).astype(int)
+    assert np.abs(got - load_image(tmp_path / "la8.png").astype(int)).max() <= 1
 
 
 def test_16bit_rgb_is_binned_before_the_stretch_with_a_spec(tmp_path):

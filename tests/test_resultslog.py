@@ -1,5 +1,6 @@
 """The results log: durable lines, rotation that never splits one, and the watched folder's memory across rotations."""
 
+import errno
 import json
 import os
 import time
@@ -102,3 +103,63 @@ def test_a_line_cut_by_a_power_cut_does_not_spoil_the_next(tmp_path):
 def test_bad_settings_are_refused(tmp_path):
     with pytest.raises(ValueError, match="keep at least 1"):
         ResultsLog(tmp_path / "r.jsonl", keep=0)
+
+
+class _FullDisk:
+    """os.write for the files under `folder` as on a full disk: when `full`, the first write of a line gets part
+    of it through (as a real ENOSPC does), every write after that raises ENOSPC; other descriptors are untouched."""
+
+    def __init__(self, monkeypatch, folder):
+        self.folder, self.full, self._real, self._cut = str(folder), False, os.write, False
+        monkeypatch.setattr(resultslog.os, "write", self.write)
+
+    def write(self, fd, data):
+        if not self.full or not os.readlink(f"/proc/self/fd/{fd}").startswith(self.folder):
+            return self._real(fd, data)
+        if not self._cut and len(data) > 4:
+            self._cut = True
+            return self._real(fd, bytes(data[:4]))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def set_full(self, full):
+        self.full, self._cut = full, False
+
+
+def test_a_full_disk_keeps_the_lines_in_memory_and_writes_them_once_there_is_room(tmp_path, monkeypatch):
+    disk, said = _FullDisk(monkeypatch, tmp_path), []
+    path = tmp_path / "r.jsonl"
+    log = ResultsLog(path, fsync_s=0, echo=said.append)
+    log.write({"frame": 0})
+    disk.set_full(True)
+    for i in range(1, 4):
+        log.write({"frame": i})  # does not raise
+    assert len(said) == 1 and str(path) in said[0] and "No space left on device" in said[0] and "in memory" in said[0], said
+    assert path.read_text() == '{"frame": 0}\n'  # the cut line was taken back
+    disk.set_full(False)
+    log.write({"frame": 4})
+    assert len(said) == 2 and str(path) in said[1] and "3 lines" in said[1], said
+    log.close()
+    assert _lines(path) == [{"frame": i} for i in range(5)]
+
+
+def test_the_memory_buffer_is_bounded_and_says_what_it_dropped(tmp_path, monkeypatch):
+    disk, said = _FullDisk(monkeypatch, tmp_path), []
+    log = ResultsLog(tmp_path / "r.jsonl", fsync_s=0, echo=said.append, max_pending=3)
+    disk.set_full(True)
+    for i in range(10):
+        log.write({"frame": i})
+    disk.set_full(False)
+    log.write({"frame": 10})
+    log.close()
+    assert _lines(tmp_path / "r.jsonl") == [{"frame": i} for i in (7, 8, 9, 10)]
+    assert "3 lines held in memory, the most it keeps" in said[1] and "the 7 oldest had to be dropped" in said[-1], said
+
+
+def test_lines_still_unwritten_at_close_are_said_lost_and_close_does_not_raise(tmp_path, monkeypatch):
+    disk, said = _FullDisk(monkeypatch, tmp_path), []
+    log = ResultsLog(tmp_path / "r.jsonl", fsync_s=0.05, echo=said.append)
+    disk.set_full(True)
+    log.write({"frame": 1})
+    log.write({"frame": 2})
+    log.close()
+    assert "2 lines" in said[-1] and "lost" in said[-1] and str(tmp_path / "r.jsonl") in said[-1], said

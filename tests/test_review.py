@@ -371,3 +371,55 @@ def test_nebula_run_queues_with_the_review_settings_of_its_config_file(tiny_mode
     result = CliRunner().invoke(cli, [*common, "--no-review"])
     assert result.exit_code == 0, result.output
     assert not (tmp_path / "review").exists()
+
+
+def _serve_review_listing(args, env):
+    """Start `nebula serve ARGS` in its own process and return its GET /api/review; SIGTERM it after."""
+    import queue as queue_module
+    import signal
+    import threading
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "nebula", "serve", "--port", "0", *args], cwd=ROOT, env=env,
+                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    lines = queue_module.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stderr], daemon=True).start()
+    try:
+        url, said, deadline = None, [], time.monotonic() + 60
+        while url is None and time.monotonic() < deadline and (process.poll() is None or not lines.empty()):
+            try:
+                said.append(lines.get(timeout=0.5))
+            except queue_module.Empty:
+                continue
+            if said[-1].startswith("web page:"):
+                url = said[-1].split()[-1]
+        assert url, f"the web page did not start: {''.join(said)}"
+        with urllib.request.urlopen(url + "api/review", timeout=30) as response:
+            listing = json.loads(response.read())
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        return listing
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+@pytest.mark.parametrize("how", ["flag", "config file"])
+def test_nebula_serve_finds_the_queue_that_nebula_run_review_dir_made(tiny_model_file, tmp_path, how):
+    from click.testing import CliRunner
+
+    from nebula.cli import cli
+
+    mine = tmp_path / "mine"
+    config = tmp_path / "config.toml"
+    config.write_text(f"[review]\nbelow = 1.0\nevery_s = 0.0\n" + (f"dir = {json.dumps(str(mine))}\n" if how == "config file" else ""))
+    review_dir = ["--review-dir", str(mine)] if how == "flag" else []
+    result = CliRunner().invoke(cli, ["run", "--source", "fake", "--max-frames", "4", "--max-fps", "0", "--model", str(tiny_model_file),
+                                      "--log", str(tmp_path / "logs" / "results.jsonl"), "--config", str(config), *review_dir])
+    assert result.exit_code == 0, result.output
+    queued = sorted(p.stem for p in (mine / "queue").glob("*.png"))
+    assert queued
+    # serve's own log would be elsewhere (here: none beside a fresh XDG_STATE_HOME), so only the review folder can lead it there
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state"), "XDG_CONFIG_HOME": str(tmp_path / "cfg")}
+    listing = _serve_review_listing(["--model", str(tiny_model_file), "--config", str(config), *review_dir], env)
+    assert listing["enabled"] and sorted(item["id"] for item in listing["items"]) == queued
