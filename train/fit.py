@@ -28,6 +28,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -175,38 +176,78 @@ def _macro_f1_and_accuracy(probs: np.ndarray, truth: np.ndarray, labels: list[st
 
 
 def fit_with_early_stopping(name, model, train_data, val_inputs, val_truth, labels, epochs, patience, batch_size, echo, history,
-               best=None):
-    """Fit with early stopping on validation macro-F1; restores the best weights. Returns (macro-F1, accuracy)."""
+               best=None, strategy=None):
+    """Fit with early stopping on validation macro-F1; restores the best weights. Returns (macro-F1, accuracy).
+
+    Keras's fit, except under MultiWorkerMirroredStrategy, where Keras 3's fit fails with two
+    workers and nebula.train.multiworker runs the same steps in its own loop.
+    """
     import keras
 
+    from nebula.train import multiworker
+
     best_f1, best_acc, best_weights = best if best else (-1.0, 0.0, None)
+    since_best = 0
+    own_loop = strategy is not None and multiworker.is_multiworker(strategy)
 
-    class BestOnValidation(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            nonlocal best_f1, best_acc, best_weights
-            probs = self.model.predict(val_inputs, batch_size=batch_size, verbose=0)
-            f1, acc = _macro_f1_and_accuracy(probs, val_truth, labels)
-            improved = f1 > best_f1 + 1e-6
-            if improved:
-                best_f1, best_acc, best_weights = f1, acc, self.model.get_weights()
-                self.since_best = 0
-            else:
-                self.since_best = getattr(self, "since_best", 0) + 1
-            loss = float(logs["loss"])
-            history.append({"epoch": epoch + 1, "loss": loss, "val_accuracy": acc, "val_macro_f1": f1})
-            echo(f"{name} epoch {epoch + 1:>2}/{epochs}  loss {loss:.4f}  val acc {acc:.3f}  "
-                 f"val macro-F1 {f1:.3f}{'  *best' if improved else ''}")
-            if self.since_best >= patience:
-                self.model.stop_training = True
+    def end_of_epoch(epoch: int, loss: float) -> bool:
+        """Scores validation, keeps the best weights, logs the epoch; True when the phase should stop.
 
-    model.fit(train_data, epochs=epochs, shuffle=False, verbose=1 if sys.stdout.isatty() else 0, callbacks=[BestOnValidation()])
+        With several workers, Keras's predict works (unlike its fit) and gathers every worker's
+        share, so all workers score the same probabilities and stop at the same epoch.
+        """
+        nonlocal best_f1, best_acc, best_weights, since_best
+        probs = model.predict(val_inputs, batch_size=batch_size, verbose=0)
+        f1, acc = _macro_f1_and_accuracy(probs, val_truth, labels)
+        improved = f1 > best_f1 + 1e-6
+        if improved:
+            best_f1, best_acc, best_weights = f1, acc, model.get_weights()
+            since_best = 0
+        else:
+            since_best += 1
+        history.append({"epoch": epoch + 1, "loss": loss, "val_accuracy": acc, "val_macro_f1": f1})
+        echo(f"{name} epoch {epoch + 1:>2}/{epochs}  loss {loss:.4f}  val acc {acc:.3f}  "
+             f"val macro-F1 {f1:.3f}{'  *best' if improved else ''}")
+        return since_best >= patience
+
+    if own_loop:
+        multiworker.fit(model, train_data, epochs, strategy, end_of_epoch)
+    else:
+        class BestOnValidation(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                if end_of_epoch(epoch, float(logs["loss"])):
+                    self.model.stop_training = True
+
+        model.fit(train_data, epochs=epochs, shuffle=False, verbose=1 if sys.stdout.isatty() else 0,
+                  callbacks=[BestOnValidation()])
     if best_weights is not None:
         model.set_weights(best_weights)
     return best_f1, best_acc
 
 
 def train(config: TrainConfig, echo: Callable[[str], None] = print) -> TrainResult:
-    """Run the whole procedure and write the run folder; returns the test-split evaluation."""
+    """Run the whole procedure and write the run folder; returns the test-split evaluation.
+
+    Under --strategy multiworker every worker runs all of it, and only the chief writes --out:
+    the others write a scratch folder, removed at the end (TF's pattern for non-chief workers:
+    they take part in every step, and whatever they save goes to a temporary place).
+    """
+    from nebula.train import multiworker
+
+    data_dir = Path(config.data).resolve()
+    if not data_dir.is_dir():
+        raise TrainingError(f"{data_dir}: no such dataset folder")
+    strategy = distribution_strategy(config.strategy)  # first: multiworker must start before any TensorFlow op
+    if multiworker.is_chief(strategy):
+        return _train(config, strategy, Path(config.out), echo)
+    task_type, index = multiworker.worker(strategy)
+    with tempfile.TemporaryDirectory(prefix=f"nebula-{task_type}{index}-") as scratch:
+        echo(f"{task_type} {index} of the cluster: not the chief, so its run folder is a scratch copy in {scratch}, "
+             f"removed at the end; the chief writes {config.out}")
+        return _train(config, strategy, Path(scratch) / Path(config.out).name, echo)
+
+
+def _train(config: TrainConfig, strategy, out: Path, echo: Callable[[str], None]) -> TrainResult:
     import keras
 
     from nebula.train import backbones, int8_grid
@@ -214,9 +255,6 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> TrainResu
     t_start = time.perf_counter()
     wall: dict[str, float] = {}
     data_dir = Path(config.data).resolve()
-    out = Path(config.out)
-    if not data_dir.is_dir():
-        raise TrainingError(f"{data_dir}: no such dataset folder")
     try:
         backbone_info = backbones.get(config.backbone)
     except KeyError as err:
@@ -227,7 +265,6 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> TrainResu
     labels = ordered_labels(rows)
     if len(labels) < 2:
         raise TrainingError(f"{data_dir}: only one label ({labels[0]}); a classifier needs two or more")
-    strategy = distribution_strategy(config.strategy)  # first: multiworker must start before any TensorFlow op
     make_deterministic(config.seed)
     splits = split_with_crops(rows, config)
     for split in ("train", "val"):
@@ -298,7 +335,7 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> TrainResu
         head.compile(optimizer=keras.optimizers.Adam(config.head_lr), loss="sparse_categorical_crossentropy")
     data = training_pipeline(features_train, y_train, weights, config.batch_size, config.seed)
     best = fit_with_early_stopping("phase 1 (head)", head, data, features_val, val_images.labels, labels, config.head_epochs,
-                      config.patience, config.batch_size, echo, history["phase 1: head"])
+                      config.patience, config.batch_size, echo, history["phase 1: head"], strategy=strategy)
     validation = {"phase1": {"macro_f1": best[0], "accuracy": best[1]}}
     wall["phase1_s"] = time.perf_counter() - t
 
@@ -316,7 +353,7 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> TrainResu
         data = training_pipeline(cached_train, y_train, weights, config.batch_size, config.seed + 1)
         best = fit_with_early_stopping("phase 2 (fine-tune)", top, data, cached_val, val_images.labels, labels, config.epochs,
                           config.patience, config.batch_size, echo, history["phase 2: fine-tune"],
-                          best=(best[0], best[1], top.get_weights()))
+                          best=(best[0], best[1], top.get_weights()), strategy=strategy)
         validation["phase2"] = {"macro_f1": best[0], "accuracy": best[1]}
         if config.snap_weights:  # fine-tuning moved the top units off the grid; round them back and score again
             int8_grid.snap(backbone)
