@@ -38,4 +38,4 @@ bench:
 	.venv/bin/nebula bench --model models/nebula.tflite --json models/bench.json
 
 clean:
-	rm -rf data/stellarium models/runs models/crossval models/nebula.tflite models/labels.txt models/manifest.json models/skycatalog.npz
+	rm -rf data/stellarium models/runs models/crossval models/own_sky models/nebula.tflite models/labels.txt models/manifest.json models/skycatalog.npz

@@ -4,7 +4,7 @@ Each command's module is imported only when that command runs (or when
 ``nebula --help`` lists them), so ``nebula classify`` on a Raspberry Pi loads
 nothing from nebula.train or nebula.convert. Device commands (classify, bench,
 run, serve) import no TensorFlow; workstation commands (data, backbone, train,
-crossval, evaluate, convert, catalog) import it inside the command.
+crossval, own-sky, evaluate, convert, catalog) import it inside the command.
 """
 
 import importlib
@@ -21,6 +21,7 @@ COMMANDS = {
     "crossval": "nebula.train.cli:crossval",
     "crossval-compare": "nebula.train.cli:crossval_compare",
     "evaluate": "nebula.train.cli:evaluate",
+    "own-sky": "nebula.train.cli:own_sky",
     "catalog": "nebula.train.cli:catalog",
     "convert": "nebula.convert.cli:convert",
     "classify": "nebula.device.cli:classify",

@@ -209,10 +209,6 @@ _TRAIN_HELP = {
                  "such as your labelled frames merged with the Stellarium set.",
     "strategy": "tf.distribute strategy: auto (all GPUs when there are several), mirrored (every GPU, else every CPU "
                 "device), multiworker (several machines, each with its TF_CONFIG; see README).",
-    "crops": "Train on the dataset's catalog-guided crops too (val and test stay whole photographs).",
-    "augment": "Augmentation recipe (see 'nebula crossval --help').",
-    "class_balance": "Power of the inverse-frequency class weights: 0 none, 1 fully balanced.",
-    "calibrate": "Fit a temperature on validation and fold it into the classifier, so scores read as probabilities.",
 }
 
 
@@ -433,6 +429,44 @@ def crossval_compare(before, after, resamples, seed, json_out):
     if json_out:
         Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
         click.echo(f"Wrote {json_out}")
+
+
+@click.command("own-sky")
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False), help="Dataset with manifest.csv (credit column).")
+@click.option("--photographer", required=True, help="The credit (manifest.csv) whose photographs play the user's captures.")
+@click.option("--n", "ns", multiple=True, type=click.IntRange(1), default=(10, 50), show_default=True,
+              help="Frames the user labels; repeat for several points of the curve (N = 0 is always run).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the runs, models, own_sky.json and own_sky.png.")
+@click.option("--draws", default=1, show_default=True, type=click.IntRange(1),
+              help="Repeat the fine-tunes with other frames drawn (each draw scores on its own held-out photographs).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the draw and of every run.")
+def own_sky(data, photographer, ns, out, draws, seed):
+    """How much do N labelled frames of your own sky help? The review loop, measured on a photographer held out.
+
+    The photographer's photographs leave the dataset with every image of the same
+    objects, and the base run (N = 0) is trained on the rest. For each N, N of their
+    photographs go through the loop as captures would: classified by the base
+    model on the device path, queued for review, filed under their label, merged
+    (nebula data merge) and fine-tuned from the base run (nebula train --init-from
+    RUN --head-epochs 10 --epochs 4). Each run is converted to int8 (the gate's
+    verdict is recorded) and scored on the photographer's photographs that no N
+    labelled. Prints one line per run and writes own_sky.json and own_sky.png.
+
+    \b
+    Example:
+      nebula own-sky --data data/stellarium --photographer "Plover Hill Observatory" --n 10 --n 50 --out models/own_sky
+    """
+    require_workstation("own-sky")
+    from nebula.train.fit import TrainingError
+    from nebula.train.own_sky import OwnSkyError, own_sky_curve, summary
+
+    try:
+        points = own_sky_curve(data, photographer, list(ns), out, draws=draws, seed=seed,
+                               echo=lambda line: click.echo(line, err=True))
+    except (OwnSkyError, TrainingError) as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(summary(points))
+    click.echo(f"Wrote {out}/own_sky.json and {out}/own_sky.png")
 
 
 @click.group()

@@ -21,7 +21,8 @@ from nebula.device.decode import ImageError, load_image
 from nebula.device.preprocess import prepare
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,7 +32,7 @@ def _pyplot():
 
 
 def confusion_png(scores: dict, path: str | Path, title: str = "Confusion matrix") -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     confusion = scores["confusion"]
     rows = list(confusion)
     columns = list(next(iter(confusion.values()))) if rows else []
@@ -55,7 +56,7 @@ def confusion_png(scores: dict, path: str | Path, title: str = "Confusion matrix
 
 def curves_png(history: dict[str, list[dict]], path: str | Path) -> Path:
     """`history` maps a phase name to its epochs: [{"epoch", "loss", "val_accuracy", "val_macro_f1"}, ...]."""
-    plt = _pyplot()
+    plt = pyplot()
     phases = [name for name, epochs in history.items() if epochs]
     fig, axes = plt.subplots(1, max(1, len(phases)), figsize=(6 * max(1, len(phases)), 4), squeeze=False)
     for ax, name in zip(axes[0], phases):
