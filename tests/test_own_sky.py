@@ -79,20 +79,30 @@ def test_the_curve_runs_the_whole_loop_and_scores_every_run_on_one_held_out_set(
     points = own_sky_curve(credited_sky, "ann", [4], out, recipe=TINY, echo=lambda line: None)
     assert [(p.draw, p.n) for p in points] == [(0, 0), (0, 4)]
     record = json.loads((out / "own_sky.json").read_text())
-    held_out = record["draws"]["0"]["held_out"]
-    assert len(held_out) == 14 - 4 and record["photographs"] == 14
-    assert all(sorted(p["predicted"]) == sorted(Path(f).name for f in held_out) for p in record["points"])
+    labelled = record["draws"]["0"]["labelled_order"][:4]
+    assert len(record["photographs"]) == 14
+    base, tuned = record["points"]
+    assert sorted(base["predicted"]) == sorted(record["photographs"])  # N = 0: every photograph of theirs
+    assert sorted(tuned["predicted"]) == sorted(set(record["photographs"]) - set(labelled))  # never one it labelled
+    assert tuned["held_out"] == 10 and base["base_accuracy"] == base["accuracy"]
+    truth = record["photographs"]
+    assert tuned["base_accuracy"] == pytest.approx(  # the base run on the tuned run's held-out photographs, paired
+        sum(base["predicted"][f] == truth[f] for f in tuned["predicted"]) / 10)
     assert (out / "own_sky.png").stat().st_size > 0
 
-    base = load_dataset(out / "data" / "base")
-    assert base and not any(r.credit == "ann" for r in base)
+    dataset = load_dataset(out / "data" / "base")
+    assert dataset and not any(r.credit == "ann" for r in dataset)
     merged = [r for r in load_dataset(out / "data" / "draw0-n4") if r.credit == "ann"]
-    labelled = record["draws"]["0"]["labelled_order"][:4]
     assert len(merged) == 4 and all(r.label_reason.startswith("labelled by ann on the review page") for r in merged)
     assert sorted(r.label for r in merged) == sorted(Path(f).parts[0] for f in labelled)  # filed under their true label
     assert len({r.group for r in merged}) == 4  # one target per frame, from the capture's name
     assert sum(points[1].labelled_in_split.values()) == 4
     assert json.loads((Path(points[1].run) / "config.json").read_text())["init_from"] == str(out / "runs" / "n0")
+
+    said = []
+    again = own_sky_curve(credited_sky, "ann", [4], out, recipe=TINY, resume=True, echo=said.append)
+    assert sum("reusing" in line for line in said) == 4  # two runs, two models
+    assert [p.predicted for p in again] == [p.predicted for p in points]
 
 
 def test_the_command_refuses_an_n_that_leaves_too_few_to_score(credited_sky, tmp_path):

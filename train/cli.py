@@ -440,7 +440,8 @@ def crossval_compare(before, after, resamples, seed, json_out):
 @click.option("--draws", default=1, show_default=True, type=click.IntRange(1),
               help="Repeat the fine-tunes with other frames drawn (each draw scores on its own held-out photographs).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the draw and of every run.")
-def own_sky(data, photographer, ns, out, draws, seed):
+@click.option("--resume", is_flag=True, help="Reuse finished runs and converted models already in --out (same data, seed and start).")
+def own_sky(data, photographer, ns, out, draws, seed, resume):
     """How much do N labelled frames of your own sky help? The review loop, measured on a photographer held out.
 
     The photographer's photographs leave the dataset with every image of the same
@@ -449,8 +450,9 @@ def own_sky(data, photographer, ns, out, draws, seed):
     model on the device path, queued for review, filed under their label, merged
     (nebula data merge) and fine-tuned from the base run (nebula train --init-from
     RUN --head-epochs 10 --epochs 4). Each run is converted to int8 (the gate's
-    verdict is recorded) and scored on the photographer's photographs that no N
-    labelled. Prints one line per run and writes own_sky.json and own_sky.png.
+    verdict is recorded) and scored on the photographer's photographs it did not
+    label, beside the base run on the same photographs. Prints one line per run
+    and writes own_sky.json and own_sky.png.
 
     \b
     Example:
@@ -461,7 +463,7 @@ def own_sky(data, photographer, ns, out, draws, seed):
     from nebula.train.own_sky import OwnSkyError, own_sky_curve, summary
 
     try:
-        points = own_sky_curve(data, photographer, list(ns), out, draws=draws, seed=seed,
+        points = own_sky_curve(data, photographer, list(ns), out, draws=draws, seed=seed, resume=resume,
                                echo=lambda line: click.echo(line, err=True))
     except (OwnSkyError, TrainingError) as err:
         raise click.ClickException(str(err)) from None

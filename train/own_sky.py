@@ -10,9 +10,10 @@ model, queued (`nebula.device.review`; every one, since these are the frames the
 filed under their label by the photographer, merged with the base set (`nebula data merge`) and
 fine-tuned from the base run (`nebula train --init-from`, the README's quick settings). Every run is
 converted to int8 (the gate's verdict is recorded; the model is kept either way, so the curve has no
-holes) and scored through the device path on the same held-out photographs: those of the photographer
-that no N labelled. Larger N labels a superset of smaller N's frames; `--draws` repeats the whole with
-other frames drawn, each draw with its own held-out set.
+holes) and scored through the device path on the photographer's photographs it did not label, beside the
+base run on the same photographs: with few photographs a held-out set is small, so each run is compared
+with N = 0 photo for photo, never with another set. Larger N labels a superset of smaller N's frames;
+`--draws` repeats the fine-tunes with other frames drawn.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class OwnSkyError(ValueError):
 
 @dataclass
 class Point:
-    """One run of the curve: N labelled frames, where they went, the int8 gate, the held-out scores."""
+    """One run of the curve, scored on the photographer's photographs it never saw, beside the base run on the same ones."""
 
     draw: int
     n: int
@@ -48,11 +49,13 @@ class Point:
     model: str
     labelled_in_split: dict[str, int] = field(default_factory=dict)  # of the N frames: how many train/val/test took
     gate_failures: list[str] = field(default_factory=list)
-    held_out: int = 0
+    held_out: int = 0  # the photographer's photographs this run did not label: all but its N
     accuracy: float = 0.0
     macro_f1: float = 0.0
     recall: dict[str, float] = field(default_factory=dict)
-    predicted: dict[str, str] = field(default_factory=dict)  # held-out file name -> int8 answer
+    base_accuracy: float = 0.0  # the base run (N = 0) on the same held-out photographs: the pair to compare with
+    base_macro_f1: float = 0.0
+    predicted: dict[str, str] = field(default_factory=dict)  # held-out dataset file -> int8 answer
 
 
 def plan(rows: list[ManifestRow], photographer: str) -> tuple[list[ManifestRow], list[ManifestRow]]:
@@ -135,15 +138,15 @@ def label_as_the_user(frames: list[ManifestRow], source: Path, model: Path, revi
 
 
 def own_sky_curve(data: str | Path, photographer: str, ns: list[int], out: str | Path, draws: int = 1, seed: int = 0,
-                  recipe: dict | None = None, echo: Callable[[str], None] = print) -> list[Point]:
-    """Train the base run, then one fine-tuned run per (draw, N > 0); score each on its draw's held-out photographs.
+                  recipe: dict | None = None, resume: bool = False, echo: Callable[[str], None] = print) -> list[Point]:
+    """Train the base run, then one fine-tuned run per (draw, N > 0); score each on the photographer's photographs
+    it did not label, beside the base run on the same photographs.
 
     `recipe`: TrainConfig fields for every run (tests pass the tiny backbone); the fine-tunes add FINE_TUNE.
+    `resume`: reuse runs and models already in `out` that were made with the same data, seed and start.
     Writes own_sky.json (and own_sky.png) in `out`; returns the points in the order run.
     """
-    from nebula.convert.export import convert_run
-    from nebula.train.evaluate import evaluate_paths
-    from nebula.train.fit import TrainConfig, train
+    from nebula.train.fit import TrainConfig
     from nebula.train.run import load_run
     from nebula.train.stellarium import merge
 
@@ -151,60 +154,102 @@ def own_sky_curve(data: str | Path, photographer: str, ns: list[int], out: str |
     recipe = dict(recipe or {})
     ns = sorted(set(ns) | {0})
     base_rows, theirs = plan(load_dataset(data), photographer)
-    held = {d: draw_frames(theirs, ns[-1], seed + d) for d in range(draws)}  # fail before any training
+    frames = {d: draw_frames(theirs, ns[-1], seed + d)[0] for d in range(draws)}  # fail before any training
     echo(f"{photographer}: {len(theirs)} photographs ({_counts(theirs)}); base set without them and their objects: "
          f"{len(base_rows)} images")
     base_data = write_subset(base_rows, data, out / "data" / "base")
 
-    def convert_and_score(run_dir: Path, name: str, draw: int, n: int, held_out: list[ManifestRow]) -> Point:
-        model = out / "models" / f"{name}.tflite"
-        report = convert_run(run_dir, model, force=True, echo=echo)  # the gate's verdict is recorded below
-        evaluation = evaluate_paths(model, [data / r.file for r in held_out], [r.label for r in held_out])
-        scores = evaluation.scores
-        point = Point(draw, n, str(run_dir), str(model), gate_failures=report.failures, held_out=len(held_out),
-                      accuracy=scores["accuracy"], macro_f1=scores["macro_f1"],
-                      recall={label: s["recall"] for label, s in scores["per_class"].items() if s["support"]},
-                      predicted={Path(p).name: a for p, a in zip(evaluation.paths, evaluation.predicted_labels)})
-        echo(f"draw {draw}, N = {n}: held-out accuracy {point.accuracy:.3f}, macro-F1 {point.macro_f1:.3f} "
-             f"({point.held_out} photographs); int8 gate {'passed' if not report.failures else 'failed: ' + '; '.join(report.failures)}")
-        return point
-
     base_run = out / "runs" / "n0"
-    echo(f"training the base run (N = 0) into {base_run}")
-    train(TrainConfig(data=str(base_data), out=str(base_run), seed=seed, **recipe), echo=echo)
-    points = [convert_and_score(base_run, "n0", d, 0, held[d][1]) for d in range(draws)]
-    base_model = Path(points[0].model)
+    _train(TrainConfig(data=str(base_data), out=str(base_run), seed=seed, **recipe), resume, echo)
+    base_model, base_failures = _convert(base_run, out / "models" / "n0.tflite", resume, echo)
+    base_answers = _answers(base_model, data, theirs)
+    points = [_point(0, 0, base_run, base_model, base_failures, theirs, base_answers, base_answers, echo)]
     for d in range(draws):
-        frames, held_out = held[d]
         for n in ns[1:]:
             name = f"draw{d}-n{n}"
-            labelled = label_as_the_user(frames[:n], data, base_model, out / "review" / name, photographer)
+            labelled = label_as_the_user(frames[d][:n], data, base_model, out / "review" / name, photographer)
             merged = out / "data" / name
             if merged.exists():
                 shutil.rmtree(merged)
             merge(merged, [base_data, labelled], link=True)
             run_dir = out / "runs" / name
             echo(f"draw {d}, N = {n}: fine-tuning {base_run} on the base set + {n} labelled frames into {run_dir}")
-            train(TrainConfig(data=str(merged), out=str(run_dir), seed=seed, init_from=str(base_run), **{**recipe, **FINE_TUNE}),
-                  echo=echo)
-            point = convert_and_score(run_dir, name, d, n, held_out)
+            _train(TrainConfig(data=str(merged), out=str(run_dir), seed=seed, init_from=str(base_run), **{**recipe, **FINE_TUNE}),
+                   resume, echo)
+            model, failures = _convert(run_dir, out / "models" / f"{name}.tflite", resume, echo)
+            labelled_files = {r.file for r in frames[d][:n]}
+            held_out = [r for r in theirs if r.file not in labelled_files]
+            point = _point(d, n, run_dir, model, failures, held_out, _answers(model, data, held_out), base_answers, echo)
             splits = load_run(run_dir).splits
             point.labelled_in_split = {s: sum(credited_to(r, photographer) for r in rows) for s, rows in splits.items()}
             points.append(point)
-    _write(out, photographer, theirs, held, points)
+    _write(out, photographer, theirs, frames, points)
     return points
+
+
+def _train(config, resume: bool, echo) -> None:
+    """`nebula train`, or with `resume` the finished run already there when it was made with the same data, seed and start."""
+    from nebula.train.fit import train
+
+    done = Path(config.out) / "metrics.json"
+    if resume and done.exists():
+        made = json.loads((Path(config.out) / "config.json").read_text())
+        if [made.get(k) for k in ("data", "seed", "init_from")] == [config.data, config.seed, config.init_from]:
+            echo(f"{config.out}: reusing the finished run (--resume)")
+            return
+    echo(f"training {config.out}" + (f" from {config.init_from}" if config.init_from else ""))
+    train(config, echo=echo)
+
+
+def _convert(run_dir: Path, model: Path, resume: bool, echo) -> tuple[Path, list[str]]:
+    """`nebula convert` with the gate's verdict recorded, not enforced (the curve keeps every point); the model and its failures."""
+    from nebula.convert.export import convert_run
+    from nebula.device import modelfile
+
+    if resume and model.exists() and model.stat().st_mtime >= (run_dir / "metrics.json").stat().st_mtime:
+        echo(f"{model}: reusing the converted model (--resume)")
+        return model, modelfile.read(model).manifest["metrics"]["gate"]["failures"]
+    return model, convert_run(run_dir, model, force=True, echo=echo).failures
+
+
+def _answers(model: Path, data: Path, rows: list[ManifestRow]) -> dict[str, str]:
+    """The int8 model's top-1 answer for each row's image, through the device's preprocessing."""
+    from nebula.train.evaluate import evaluate_paths
+
+    evaluation = evaluate_paths(model, [data / r.file for r in rows], [r.label for r in rows])
+    if evaluation.skipped:
+        raise OwnSkyError(f"unreadable photographs: {'; '.join(map(str, evaluation.skipped))}")
+    by_path = {str(data / r.file): r.file for r in rows}
+    return {by_path[str(p)]: answer for p, answer in zip(evaluation.paths, evaluation.predicted_labels)}
+
+
+def _point(draw: int, n: int, run_dir: Path, model: Path, failures: list[str], held_out: list[ManifestRow],
+           answers: dict[str, str], base_answers: dict[str, str], echo) -> Point:
+    from nebula.device.scoring import score
+
+    truth = [r.label for r in held_out]
+    labels = sorted(set(truth) | set(answers.values()))
+    mine = score(truth, [answers[r.file] for r in held_out], labels)
+    base = score(truth, [base_answers[r.file] for r in held_out], labels)
+    point = Point(draw, n, str(run_dir), str(model), gate_failures=failures, held_out=len(held_out),
+                  accuracy=mine["accuracy"], macro_f1=mine["macro_f1"],
+                  recall={label: s["recall"] for label, s in mine["per_class"].items() if s["support"]},
+                  base_accuracy=base["accuracy"], base_macro_f1=base["macro_f1"], predicted=dict(answers))
+    echo(f"draw {draw}, N = {n}: on {point.held_out} held-out photographs accuracy {point.accuracy:.3f} (base {point.base_accuracy:.3f}), "
+         f"macro-F1 {point.macro_f1:.3f} (base {point.base_macro_f1:.3f}); int8 gate "
+         + ("passed" if not failures else "failed: " + "; ".join(failures)))
+    return point
 
 
 def _counts(rows: list[ManifestRow]) -> str:
     return ", ".join(f"{label} {n}" for label, n in Counter(r.label for r in rows).most_common())
 
 
-def _write(out: Path, photographer: str, theirs, held, points: list[Point]) -> None:
+def _write(out: Path, photographer: str, theirs, frames, points: list[Point]) -> None:
     record = {
         "photographer": photographer,
-        "photographs": len(theirs),
-        "draws": {str(d): {"labelled_order": [r.file for r in frames], "held_out": [r.file for r in held_out]}
-                  for d, (frames, held_out) in held.items()},
+        "photographs": {r.file: r.label for r in theirs},
+        "draws": {str(d): {"labelled_order": [r.file for r in chosen]} for d, chosen in frames.items()},
         "points": [asdict(p) for p in points],
     }
     (out / "own_sky.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -212,33 +257,37 @@ def _write(out: Path, photographer: str, theirs, held, points: list[Point]) -> N
 
 
 def _plot(points: list[Point], path: Path, photographer: str) -> None:
+    """Accuracy and macro-F1 against N, each run beside the base run on the same held-out photographs."""
     from nebula.train.report import pyplot
 
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
-    for metric, marker in (("accuracy", "o"), ("macro_f1", "s")):
-        for d in sorted({p.draw for p in points}):
-            mine = sorted((p for p in points if p.draw == d), key=lambda p: p.n)
-            ax.plot([p.n for p in mine], [getattr(p, metric) for p in mine], marker=marker, alpha=0.8,
-                    label=f"{metric.replace('_', '-')}" + (f", draw {d}" if d else ""))
-    ax.set_xlabel("frames the user labelled (N)")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"Held-out photographs of {photographer}", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.4), dpi=110, sharey=True)
+    for ax, metric in zip(axes, ("accuracy", "macro_f1")):
+        for d in sorted({p.draw for p in points if p.n}):
+            mine = sorted((p for p in points if p.draw == d or p.n == 0), key=lambda p: p.n)
+            ax.plot([p.n for p in mine], [getattr(p, metric) for p in mine], marker="o", label=f"fine-tuned, draw {d}")
+            ax.plot([p.n for p in mine], [getattr(p, "base_" + metric) for p in mine], marker="x", linestyle=":",
+                    label=f"base run, same photos, draw {d}")
+        ax.set_xlabel("frames the user labelled (N)")
+        ax.set_title(metric.replace("_", "-"), fontsize=9)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=6)
+    fig.suptitle(f"{photographer}: scored on the photographs no run labelled", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
 def summary(points: list[Point]) -> str:
-    """One line per run: N, where the labelled frames went, the gate, held-out accuracy and macro-F1, recall by label."""
+    """One line per run: N, where its labelled frames went, the gate, and on its held-out photographs its accuracy and
+    macro-F1 beside the base run's, then its recall by label."""
     labels = sorted({label for p in points for label in p.recall})
-    lines = [f"{'draw':>4} {'N':>4}  {'train/val/test':>14}  {'gate':6} {'held out':>8} {'accuracy':>9} {'macro-F1':>9}  "
+    lines = [f"{'draw':>4} {'N':>4} {'train/val/test':>14}  {'gate':6} {'held out':>8}  {'accuracy (base)':>16}  {'macro-F1 (base)':>16}  "
              + " ".join(f"{label[:5]:>5}" for label in labels)]
     for p in points:
-        where = "/".join(str(p.labelled_in_split.get(s, 0)) for s in ("train", "val", "test"))
-        lines.append(f"{p.draw:>4} {p.n:>4}  {where:>14}  {'passed' if not p.gate_failures else 'failed':6} {p.held_out:>8} "
-                     f"{p.accuracy:>9.3f} {p.macro_f1:>9.3f}  " + " ".join(
-                         f"{p.recall[label]:>5.2f}" if label in p.recall else f"{'':>5}" for label in labels))
+        where = "/".join(str(p.labelled_in_split.get(s, 0)) for s in ("train", "val", "test")) if p.n else "-"
+        lines.append(f"{p.draw if p.n else '-':>4} {p.n:>4} {where:>14}  {'passed' if not p.gate_failures else 'failed':6} "
+                     f"{p.held_out:>8}  {p.accuracy:>7.3f} ({p.base_accuracy:.3f})  {p.macro_f1:>7.3f} ({p.base_macro_f1:.3f})  "
+                     + " ".join(f"{p.recall[label]:>5.2f}" if label in p.recall else f"{'':>5}" for label in labels))
     return "\n".join(lines)
