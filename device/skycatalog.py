@@ -189,6 +189,13 @@ def unit_vectors(ra_deg, dec_deg) -> np.ndarray:
     return np.stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)], axis=-1)
 
 
+def radec(xyz) -> tuple[np.ndarray, np.ndarray]:
+    """(ra, dec) in degrees, ra in [0, 360), of unit vectors (..., 3): the inverse of `unit_vectors`."""
+    xyz = np.asarray(xyz, dtype=np.float64)
+    ra = np.degrees(np.arctan2(xyz[..., 1], xyz[..., 0])) % 360
+    return ra, np.degrees(np.arcsin(np.clip(xyz[..., 2], -1.0, 1.0)))
+
+
 def _separation_deg(ra1, dec1, ra2, dec2) -> np.ndarray:
     ra1, dec1, ra2, dec2 = (np.radians(v) for v in (ra1, dec1, ra2, dec2))
     s = np.sin((dec2 - dec1) / 2) ** 2 + np.cos(dec1) * np.cos(dec2) * np.sin((ra2 - ra1) / 2) ** 2

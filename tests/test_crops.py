@@ -1,4 +1,4 @@
-"""Catalog-guided crops: sky-to-pixel geometry on a synthetic footprint, the rules, and (slow) the real set's groups."""
+"""Catalog-guided crops: sky-to-pixel geometry on a synthetic footprint, the rules, their groups, and (slow) the real set's groups."""
 
 import math
 
@@ -37,6 +37,46 @@ def test_sky_positions_land_where_a_north_up_east_left_photo_shows_them():
     (ex, ey), = footprint.pixels(_xyz(100.0 + 0.3 / math.cos(math.radians(20)), 20.0))
     assert abs(ex - 80) < 3 and abs(ey - 200) < 3  # 0.3 deg east: left
     assert footprint.deg_per_px == pytest.approx(1 / 400, rel=0.01)
+
+
+def test_pixels_map_back_to_the_sky():
+    texture = _footprint()
+    footprint = crops.Footprint(texture, 400, 300)
+    pixels = np.array([[0, 0], [400, 300], [123.4, 56.7], [200, 150]])
+    np.testing.assert_allclose(footprint.pixels(footprint.sky(pixels)), pixels, atol=1e-6)
+    # The whole photo as a window gives back the footprint's corners, in textures.json's order.
+    np.testing.assert_allclose(footprint.window_corners((0, 0, 400, 300)), texture.corners, atol=1e-9)
+
+
+def _photo(stem, ra, dec, half, group):
+    texture = stellarium.Texture(f"{stem}.png", _footprint(ra, dec, half).corners, f"Photographer of {stem}")
+    return stellarium.Labelled(texture, "emission", "test", stem, group)
+
+
+def test_a_crop_joins_the_group_of_another_photo_of_its_sky_at_a_comparable_scale():
+    source = _photo("source", 100.0, 20.0, 0.5, "gsource")  # 1 x 1 degree, 400 x 400 px: 400 px a degree
+    box = (260, 60, 340, 140)  # 0.2 degree square, centred 0.25 degree west and north of the photo's centre
+    window = crops.Footprint(source.texture, 400, 400).window_corners(box)
+    crop = crops.Crop("NGC 5", "emission", "test", box, 1.4, 57.0, window)
+    ra, dec = 100.0 - 0.25 / math.cos(math.radians(20)), 20.25  # the window's centre on the sky
+    same_sky = _photo("same_sky", ra, dec, 0.15, "gsame")  # radius 0.21 degree against the window's 0.14: comparable
+    far = _photo("far", 150.0, 20.0, 0.15, "gfar")
+    wide = _photo("wide", ra, dec, 2.0, "gwide")  # the window's sky too, but 20 times wider
+    tiny = _photo("tiny", ra, dec, 0.01, "gtiny")  # and 10 times narrower
+    assert stellarium.Texture("", list(window)).radius == pytest.approx(0.1 * math.sqrt(2), rel=0.02)
+
+    labelled = [source, same_sky, far, wide, tiny]
+    groups = stellarium.join_crop_groups(labelled, [(source, crop)])
+    assert groups == [source.group] and source.group == same_sky.group
+    assert len({source.group, far.group, wide.group, tiny.group}) == 4
+    assert (far.group, wide.group, tiny.group) == ("gfar", "gwide", "gtiny")
+
+    # The same crop cut far from the other photo's sky joins nothing but its photo and object.
+    source, same_sky = _photo("source", 100.0, 20.0, 0.5, "gsource"), _photo("same_sky", ra, dec, 0.15, "gsame")
+    elsewhere = crops.Crop("NGC 5", "emission", "test", (0, 320, 80, 400),
+                           1.4, 57.0, crops.Footprint(source.texture, 400, 400).window_corners((0, 320, 80, 400)))
+    assert stellarium.join_crop_groups([source, same_sky], [(source, elsewhere)]) == ["gsource"]
+    assert same_sky.group == "gsame"
 
 
 def _catalog(*objects):
@@ -146,6 +186,13 @@ def test_real_crops_keep_photos_and_objects_on_one_side(tmp_path):
     by_object = {}
     for r in crops_rows:  # one object cut from several photos: one group
         assert by_object.setdefault(r.designation, r.group) == r.group, r.designation
+    # A crop showing another photographer's photo's sky at a comparable scale joins that photo's group (issue 11) ...
+    by_file = {r.file: r for r in rows}
+    for crop, photo in (("emission/crops/etaCarinae__ic2599__x1.4.png", "rcw53"), ("emission/crops/etaCarinae__ic2599__x2.2.png", "rcw53"),
+                        ("emission/crops/GammaCygni-vasey__lbn267__x2.2.png", "n6914")):
+        assert by_file[crop].group == photos[f"{photo}.png"].group, crop
+    # ... but rho-a11 (vdB 104 among its crops) stays apart from M 4, whose footprint lies outside it.
+    assert photos["rho-a11.png"].group != photos["m4.png"].group
     assert (tmp_path / "set" / "crops_dark.png").exists() and (tmp_path / "set" / "crops_dropped.csv").exists()
 
 

@@ -38,6 +38,9 @@ Geometry: textureCoords (0,0),(1,0),(1,1),(0,1) map to the footprint's corners, 
 v = 0 at the bottom row of the image, so a pixel (x, y) with y down has
 u = x / W and v = 1 - y / H. Sky positions are projected gnomonically about the
 footprint centre and mapped to (u, v) by the homography through the four corners.
+The inverse maps a crop's window back to the sky (`Crop.corners`), so a window can
+be compared with other photographs' footprints like a photograph (see
+nebula.train.stellarium, where crops join groups).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nebula.device.skycatalog import unit_vectors
+from nebula.device.skycatalog import radec, unit_vectors
 
 MIN_OBJECT_PX = 40  # object's major axis in source pixels
 MIN_CROP_PX = 96  # crop side in source pixels
@@ -72,6 +75,7 @@ class Crop:
     box: tuple[int, int, int, int]  # left, top, right, bottom in source pixels
     framing: float
     object_px: float  # the object's major axis in source pixels
+    corners: tuple[tuple[float, float], ...] = ()  # the window on the sky: (ra, dec) of its corners, in textures.json's order
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,20 @@ class Footprint:
         uvw = np.c_[plane, np.ones(len(plane))] @ self._to_uv.T
         uv = uvw[:, :2] / uvw[:, 2:3]
         return np.c_[uv[:, 0] * self.width, (1 - uv[:, 1]) * self.height]
+
+    def sky(self, pixels: np.ndarray) -> np.ndarray:
+        """Unit vectors (N, 3) of pixel positions (N, 2), x right, y down: the inverse of `pixels`."""
+        pixels = np.atleast_2d(np.asarray(pixels, dtype=np.float64))
+        uvw = np.c_[pixels[:, 0] / self.width, 1 - pixels[:, 1] / self.height, np.ones(len(pixels))]
+        plane = uvw @ np.linalg.inv(self._to_uv).T
+        return self.texture.deproject(plane[:, :2] / plane[:, 2:3])
+
+    def window_corners(self, box: tuple[int, int, int, int]) -> tuple[tuple[float, float], ...]:
+        """(ra, dec) of a pixel box's corners in textures.json's order (bottom-left, bottom-right, top-right, top-left),
+        so a crop's window reads like a photograph's footprint."""
+        left, top, right, bottom = box
+        ra, dec = radec(self.sky(np.array([[left, bottom], [right, bottom], [right, top], [left, top]])))
+        return tuple((float(r), float(d)) for r, d in zip(ra, dec))
 
 
 def _window(cx: float, cy: float, side: float, width: int, height: int) -> tuple[int, int, int, int] | None:
@@ -169,7 +187,7 @@ def plan_crops(texture, luminance: np.ndarray, photo_object, photo_label: str, c
             if (window == 0).mean() > EMPTY_BLACK_FRACTION or np.percentile(window, 99) < EMPTY_LEVEL:
                 dropped.append(Dropped(obj.designation, label, "empty", f"framing {framing}: transparent border or nothing visible"))
                 continue
-            kept.append(Crop(obj.designation, label, reason, box, framing, size_px))
+            kept.append(Crop(obj.designation, label, reason, box, framing, size_px, footprint.window_corners(box)))
         crops += kept
         if len({c.designation for c in crops}) >= MAX_OBJECTS_PER_PHOTO:
             break

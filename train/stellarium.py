@@ -9,6 +9,8 @@ override table (label_overrides.csv), the catalog type (Stellarium, then
 OpenNGC), Stellarium's morphology string, or the catalog-prefix rule, in that order. Images share a group when
 they show one object (by designation), are tiles of one mosaic (lmc_01..16), or
 one lies inside the other's footprint at a comparable scale (M 20 in M 8).
+A catalog-guided crop joins its photograph's group, its object's, and that of any
+other photograph whose footprint holds the crop's window at a comparable scale.
 
     nebula data stellarium --out data/stellarium
 """
@@ -29,7 +31,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from nebula.device.skycatalog import unit_vectors
+from nebula.device.skycatalog import radec, unit_vectors
 from nebula.train import catalogs
 from nebula.train.catalogs import Dso, OpenNgc, StellariumCatalog, parse_designation
 from nebula.train.manifest import LABELS, MANIFEST_NAME, ManifestRow, group_from_stem, write_manifest
@@ -38,7 +40,9 @@ DEFAULT_SOURCE = Path("/usr/share/stellarium/nebulae/default")
 OVERRIDES_PATH = Path(__file__).with_name("label_overrides.csv")
 APT_PACKAGE = "stellarium-data"
 SMALL_LABEL = 20  # fewer images than this in a label gets a note in the summary
-OVERLAP_SCALE = 5.0  # a photograph centred inside another's footprint, at most this much smaller, joins its group
+# A photograph centred inside a bigger one's footprint, at most this much smaller, joins its group;
+# a crop window centred inside a photograph's footprint, within this factor either way, joins that photo's group.
+OVERLAP_SCALE = 5.0
 
 # File names that are nicknames, not designations -> the designation or names.dat proper name of what they show.
 NICKNAMES = {
@@ -142,8 +146,8 @@ class Texture:
 
     @property
     def centre_radec(self) -> tuple[float, float]:
-        x, y, z = self.centre
-        return math.degrees(math.atan2(y, x)) % 360, math.degrees(math.asin(max(-1.0, min(1.0, z))))
+        ra, dec = radec(self.centre)
+        return float(ra), float(dec)
 
     @property
     def radius(self) -> float:
@@ -165,12 +169,23 @@ class Texture:
 
     def project(self, xyz: np.ndarray) -> np.ndarray:
         """Gnomonic (tangent-plane) coordinates of unit vectors (N x 3) about the footprint's centre."""
+        centre, east, north = self._tangent_basis()
+        depth = np.maximum(xyz @ centre, 1e-9)
+        return np.stack([(xyz @ east) / depth, (xyz @ north) / depth], axis=1)
+
+    def deproject(self, plane: np.ndarray) -> np.ndarray:
+        """Unit vectors (N x 3) of gnomonic coordinates (N x 2): the inverse of `project`."""
+        centre, east, north = self._tangent_basis()
+        plane = np.atleast_2d(plane)
+        xyz = centre + plane[:, :1] * east + plane[:, 1:2] * north
+        return xyz / np.linalg.norm(xyz, axis=1, keepdims=True)
+
+    def _tangent_basis(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(centre, east, north) unit vectors of the tangent plane at the footprint's centre."""
         centre = self.centre
         east = np.cross([0.0, 0.0, 1.0], centre)
         east = east / np.linalg.norm(east) if np.linalg.norm(east) > 1e-9 else np.array([0.0, 1.0, 0.0])
-        north = np.cross(centre, east)
-        depth = np.maximum(xyz @ centre, 1e-9)
-        return np.stack([(xyz @ east) / depth, (xyz @ north) / depth], axis=1)
+        return centre, east, np.cross(centre, east)
 
 
 def _credit_field(credits: dict, name: str) -> str:
@@ -367,6 +382,11 @@ class _Groups:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
+def _comparable_scale(radius_a: float, radius_b: float) -> bool:
+    """Two fields of view close enough in scale to show the same sky alike: the larger at most OVERLAP_SCALE times the smaller."""
+    return max(radius_a, radius_b) <= OVERLAP_SCALE * min(radius_a, radius_b)
+
+
 def label_textures(textures: list[Texture], catalog: StellariumCatalog, overrides: dict[str, Override],
                    openngc: OpenNgc | None) -> list[Labelled]:
     """Identify, label and group every photograph; raises StellariumError listing any that no rule labels."""
@@ -394,7 +414,7 @@ def label_textures(textures: list[Texture], catalog: StellariumCatalog, override
     for big in textures:
         for i in np.nonzero(big.contains(centres))[0]:
             small = textures[i]
-            if small is not big and big.radius >= small.radius and big.radius <= OVERLAP_SCALE * small.radius:
+            if small is not big and big.radius >= small.radius and _comparable_scale(big.radius, small.radius):
                 groups.union(f"stem:{small.stem}", f"stem:{big.stem}")
     # Name each group after its mosaic or its object, so group ids read like 'lmc' or 'm42'.
     names: dict[str, str] = {}
@@ -501,27 +521,45 @@ def _crop_name(item: Labelled, crop) -> str:
     return f"{crop.label}/crops/{item.texture.stem}__{slug}__x{crop.framing:g}.png"
 
 
-def _write_crops(out: Path, crop_items, labelled: list[Labelled]) -> list[ManifestRow]:
-    """Save the crops, give each the group of its photo joined with its object's, and draw a contact sheet per label."""
-    from nebula.train import crops as cropping
+def join_crop_groups(labelled: list[Labelled], crops: list[tuple[Labelled, object]]) -> list[str]:
+    """The group of each (photo, crop) pair; photos whose group a crop joined to another take the joined name.
 
-    # A crop joins its photo's group and its own object's group: no photo and no object on both sides of a split.
+    A crop joins its photo's group, its own object's group, and the group of any other photograph
+    whose footprint holds the crop window's centre at a comparable scale (the rule photographs follow
+    among themselves in label_textures): etaCarinae's crop of IC 2599 shows the sky of rcw53.
+    So no photo, no object and no patch of sky is ever on both sides of a split.
+    """
     groups = _Groups()
     for item in labelled:
         groups.union(f"stem:{item.texture.stem}", f"group:{item.group}")
-    for item, _, crop in crop_items:
+    for item, crop in crops:
         obj_group = next((i.group for i in labelled if i.obj is not None and i.obj.designation == crop.designation), None)
         groups.union(f"stem:{item.texture.stem}", f"object:{_group_key(crop.designation)}")
         if obj_group:
             groups.union(f"object:{_group_key(crop.designation)}", f"group:{obj_group}")
+    if crops:
+        windows = [Texture("", list(crop.corners)) for _, crop in crops]
+        centres, radii = np.stack([w.centre for w in windows]), [w.radius for w in windows]
+        for other in labelled:
+            for k in np.nonzero(other.texture.contains(centres))[0]:
+                item = crops[k][0]
+                if item is not other and _comparable_scale(radii[k], other.texture.radius):
+                    groups.union(f"stem:{item.texture.stem}", f"stem:{other.texture.stem}")
     names: dict[str, str] = {}
     for key in sorted(groups.parent, key=lambda k: (not k.startswith("group:"), k)):
         names.setdefault(groups.find(key), key.split(":", 1)[1])
     for item in labelled:  # photos whose group was joined to another by a crop take the joined name
         item.group = names[groups.find(f"stem:{item.texture.stem}")]
+    return [names[groups.find(f"stem:{item.texture.stem}")] for item, _ in crops]
 
+
+def _write_crops(out: Path, crop_items, labelled: list[Labelled]) -> list[ManifestRow]:
+    """Save the crops, give each its group (join_crop_groups), and draw a contact sheet per label."""
+    from nebula.train import crops as cropping
+
+    crop_groups = join_crop_groups(labelled, [(item, crop) for item, _, crop in crop_items])
     rows, sheets = [], {}
-    for item, picture, crop in crop_items:
+    for (item, picture, crop), group in zip(crop_items, crop_groups):
         relative = _crop_name(item, crop)
         (out / relative).parent.mkdir(parents=True, exist_ok=True)
         image = cropping.cut(picture, crop)
@@ -530,7 +568,7 @@ def _write_crops(out: Path, crop_items, labelled: list[Labelled]) -> list[Manife
             file=relative, label=crop.label,
             label_reason=f"catalog crop: {crop.reason}; {crop.designation} is inside {item.texture.image}'s footprint "
                          f"({crop.object_px:.0f} px across, framed x{crop.framing:g})",
-            designation=crop.designation, group=names[groups.find(f"stem:{item.texture.stem}")],
+            designation=crop.designation, group=group,
             credit=_credit_text(item.texture), source_file=str(item.texture.image), width=image.width,
             height=image.height, origin="crop"))
         if crop.framing == cropping.FRAMINGS[1] or not any(
