@@ -152,8 +152,8 @@ def test_train_convert_classify_carry_the_normalisation(tmp_path, sky_folder):
     by_hand = prepare(photo, PreprocessSpec(input_size=32, normalize="sky"))
     assert not np.array_equal(by_hand, prepare(photo, PreprocessSpec(input_size=32)))
     classifier = Classifier(out)
+    assert classifier.spec.normalize == "sky"
+    # (not also "the answer on the unnormalised input differs": a tiny model's uint8 scores often tie)
     expected = classifier.classify_prepared(by_hand, top_k=3)
-    unnormalised = classifier.classify_prepared(prepare(photo, PreprocessSpec(input_size=32)), top_k=3)
-    assert np.abs(expected.probabilities - unnormalised.probabilities).max() > 1e-3  # so the comparison below can fail
     assert [label for label, _ in answer["top_k"]] == [label for label, _ in expected.top_k]
     assert [score for _, score in answer["top_k"]] == pytest.approx([score for _, score in expected.top_k], abs=1e-4)
