@@ -68,10 +68,14 @@ def _input_description(preprocess: dict) -> str:
     size = preprocess["input_size"]
     text = (f"RGB image, {size}x{size}, one byte (0..255) per channel, the whole frame resized to fit and padded "
             f"with black ({preprocess.get('resize_mode', 'fit')}); the model does (x - 127) / 128 itself")
-    if preprocess.get("normalize", "none") == "sky":
-        text += (f"; before padding, each channel's {preprocess['background_percentile']:g}th percentile is subtracted and "
-                 f"one gain for all channels puts the brightest channel's {preprocess['white_percentile']:g}th percentile "
-                 f"at 255 (nebula.device.preprocess, normalize 'sky')")
+    mode = preprocess.get("normalize", "none")
+    if mode != "none":
+        text += f"; before padding, each channel's {preprocess['background_percentile']:g}th percentile is subtracted"
+    if mode == "sky":
+        text += (f" and one gain for all channels puts the brightest channel's {preprocess['white_percentile']:g}th "
+                 f"percentile at 255")
+    if mode != "none":
+        text += f" (nebula.device.preprocess, normalize {mode!r})"
     return text
 
 

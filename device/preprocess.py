@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 RESIZE_MODES = ("fit", "center_crop", "stretch")
-NORMALIZE_MODES = ("none", "sky")
+NORMALIZE_MODES = ("none", "sky", "background")  # background: the sky's subtraction without its stretch
 _SKY_MIN_SPAN = 16  # levels: the largest gain "sky" gives is 255 / 16, so a blank, noisy frame is not stretched into snow
 _INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 
@@ -47,7 +47,8 @@ class PreprocessSpec:
     std: float = 128.0
     # Per-image normalisation of the photograph (not the padding) before the model: "none", or
     # "sky" = subtract each channel's `background_percentile`, then scale all channels by one gain
-    # so the brightest channel's `white_percentile` lands at 255 (see `sky_lut`).
+    # so the brightest channel's `white_percentile` lands at 255 (see `sky_lut`); "background" = the
+    # subtraction alone (no stretch).
     normalize: str = "none"
     background_percentile: float = 5.0
     white_percentile: float = 99.5
@@ -168,6 +169,6 @@ def sky_lut(histogram: list[int], spec: PreprocessSpec) -> list[int]:
     # the smallest level with at least q of the pixels at or below it, per channel
     background = (cumulative * 100 < total * spec.background_percentile).sum(axis=1)
     white = (cumulative * 100 < total * spec.white_percentile).sum(axis=1)
-    gain = 255.0 / max(int((white - background).max()), _SKY_MIN_SPAN)
+    gain = 1.0 if spec.normalize == "background" else 255.0 / max(int((white - background).max()), _SKY_MIN_SPAN)
     levels = np.arange(256)[None, :] - background[:, None]
     return np.clip(np.rint(levels * gain), 0, 255).astype(np.uint8).ravel().tolist()

@@ -39,6 +39,14 @@ def test_colour_cast_and_exposure_are_taken_out():
     assert before > 10 and after < 2.5  # 12 levels apart on average before, nearly the same after
 
 
+def test_background_alone_takes_out_the_cast_and_keeps_the_exposure():
+    spec = PreprocessSpec(input_size=64, normalize="background")
+    a = _lit_sky()
+    b = _cast(a, 1.0, (25, 12, 2))
+    assert _mean_abs(prepare(a, spec), prepare(b, spec)) < 1.5
+    assert prepare(a, spec).max() <= 255 - 30  # the stars (255) lose the sky's 40 and are not stretched back
+
+
 def test_the_sky_goes_neutral_and_a_red_nebula_stays_red():
     out = prepare(_cast(sky_image("emission", 96, seed=4), 1.0, (10, 40, 25)), SKY).astype(int)
     corner = out[:12, :12].reshape(-1, 3)
