@@ -64,9 +64,23 @@ def add_metadata(flatbuffer: bytes, labels: list[str], manifest: dict) -> bytes:
     return flatbuffer_utils.convert_object_to_bytearray(model)
 
 
+def _input_description(preprocess: dict) -> str:
+    size = preprocess["input_size"]
+    text = (f"RGB image, {size}x{size}, one byte (0..255) per channel, the whole frame resized to fit and padded "
+            f"with black ({preprocess.get('resize_mode', 'fit')}); the model does (x - 127) / 128 itself")
+    mode = preprocess.get("normalize", "none")
+    if mode != "none":
+        text += f"; before padding, each channel's {preprocess['background_percentile']:g}th percentile is subtracted"
+    if mode == "sky":
+        text += (f" and one gain for all channels puts the brightest channel's {preprocess['white_percentile']:g}th "
+                 f"percentile at 255")
+    if mode != "none":
+        text += f" (nebula.device.preprocess, normalize {mode!r})"
+    return text
+
+
 def metadata_flatbuffer(labels: list[str], manifest: dict, input_uint8: bool = True, output_uint8: bool = True) -> bytes:
     """The `ModelMetadata` flatbuffer (identifier M001) for one RGB image in, one score per label out."""
-    size = manifest["preprocess"]["input_size"]
     b = flatbuffers.Builder(1024)
 
     def string(text):
@@ -107,8 +121,7 @@ def metadata_flatbuffer(labels: list[str], manifest: dict, input_uint8: bool = T
     unit = table(2, [(1, normalization)], [(0, _PROCESS_UNIT_NORMALIZATION)])  # ProcessUnit: options type, options
     input_meta = table(7, [
         (0, string("image")),
-        (1, string(f"RGB image, {size}x{size}, one byte (0..255) per channel, the whole frame resized to fit and padded "
-                   f"with black ({manifest['preprocess'].get('resize_mode', 'fit')}); the model does (x - 127) / 128 itself")),
+        (1, string(_input_description(manifest["preprocess"]))),
         (3, image_content),
         (4, tables([unit])),
         (5, stats(0.0, 255.0) if input_uint8 else None),

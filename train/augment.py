@@ -7,7 +7,9 @@ stays red and blue reflection stays blue, because colour is much of what tells
 them apart. Whatever is uncovered by rotation is black, like the sky.
 
 Geometry runs on the reduced in-memory copy, then the device's own `prepare`
-makes the model-sized image, then photometry and noise run at model resolution.
+makes the model-sized image (without its normalisation), then photometry and noise
+run at model resolution, and last the spec's normalisation (`preprocess.normalize`,
+e.g. "sky"), so the model only ever sees a normalised image, as on the device.
 
     augment(image, spec, rng) -> (S, S, 3) uint8
 """
@@ -15,12 +17,13 @@ makes the model-sized image, then photometry and noise run at model resolution.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from nebula.device.preprocess import PreprocessSpec, prepare
+from nebula.device.preprocess import PreprocessSpec, normalize, prepare
 
 # Ranges, chosen to look like other gear and other processing, not like another object.
 CROP_FRACTION = (0.65, 1.0)  # side of the kept window, as a fraction of the image side
@@ -34,15 +37,29 @@ NOISE_SIGMA = (0.0, 6.0)  # Gaussian read noise, in 0..255 units
 
 def augment(image: np.ndarray, spec: PreprocessSpec, rng: np.random.Generator) -> np.ndarray:
     """One random view of an HxWx3 uint8 RGB image, as the (S, S, 3) uint8 model input."""
-    picture = Image.fromarray(image)
-    picture = _random_crop(picture, rng)
+    view, content = _geometry(image, spec, rng)
+    return normalize(photometric(view, rng), spec, content)
+
+
+def _geometry(image: np.ndarray, spec: PreprocessSpec, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+    """Crop, rotation and flips, then `prepare` without normalisation: (the (S, S, 3) view, where the photograph is).
+
+    The second is an (S, S) bool mask (not padding, not a corner the rotation uncovered) for
+    the normalisation's statistics; None when the spec does not normalise (nothing needs it).
+    """
+    picture = _random_crop(Image.fromarray(image), rng)
+    mask = Image.new("L", picture.size, 255)  # where the photograph is: rotated and flipped with it
     angle = float(rng.uniform(0.0, 360.0))
     picture = picture.rotate(angle, resample=Image.BILINEAR, fillcolor=(0, 0, 0))
-    if rng.random() < 0.5:
-        picture = picture.transpose(Image.FLIP_LEFT_RIGHT)
-    if rng.random() < 0.5:
-        picture = picture.transpose(Image.FLIP_TOP_BOTTOM)
-    return photometric(prepare(picture, spec), rng)
+    mask = mask.rotate(angle, resample=Image.NEAREST, fillcolor=0)
+    for flip in (Image.FLIP_LEFT_RIGHT, Image.FLIP_TOP_BOTTOM):
+        if rng.random() < 0.5:
+            picture, mask = picture.transpose(flip), mask.transpose(flip)
+    plain = replace(spec, normalize="none")
+    view = prepare(picture, plain)
+    if spec.normalize == "none":
+        return view, None
+    return view, prepare(mask.convert("RGB"), replace(plain, pad_value=0))[..., 0] >= 128
 
 
 def _random_crop(picture: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -102,7 +119,8 @@ HOO_PROBABILITY = 0.15  # bicolour narrowband: red from H-alpha, green and blue 
 
 def augment_shifted(image: np.ndarray, spec: PreprocessSpec, rng: np.random.Generator) -> np.ndarray:
     """A "sky" view, then processing and gear that other photographers bring (one (S, S, 3) uint8 view)."""
-    x = augment(image, spec, rng).astype(np.float32)
+    view, content = _geometry(image, spec, rng)
+    x = photometric(view, rng).astype(np.float32)
     if rng.random() < HOO_PROBABILITY:
         oiii = 0.5 * (x[..., 1] + x[..., 2])
         x = np.stack([x[..., 0], oiii, oiii], axis=-1)
@@ -127,7 +145,7 @@ def augment_shifted(image: np.ndarray, spec: PreprocessSpec, rng: np.random.Gene
     buffer = io.BytesIO()
     picture.save(buffer, format="JPEG", quality=int(rng.integers(*JPEG_QUALITY)))
     buffer.seek(0)
-    return np.asarray(Image.open(buffer).convert("RGB"))
+    return normalize(np.asarray(Image.open(buffer).convert("RGB")), spec, content)
 
 
 RECIPES = {"sky": augment, "shifted": augment_shifted}  # --augment NAME

@@ -200,6 +200,8 @@ _TRAIN_HELP = {
                     "and the int8 model share their weights (keeps them agreeing; see README).",
     "crops": "Train on the dataset's catalog-guided crops too (val and test stay whole photographs).",
     "augment": "Augmentation recipe (see 'nebula crossval --help').",
+    "normalize": "Per-image normalisation before the model, written into the model's spec so the Pi does the same "
+                 "(see 'nebula crossval --help').",
     "class_balance": "Power of the inverse-frequency class weights: 0 none, 1 fully balanced.",
     "calibrate": "Fit a temperature on validation and fold it into the classifier, so scores read as probabilities.",
     "patience": "Epochs without a better validation macro-F1 before a phase stops.",
@@ -225,7 +227,13 @@ def _strategies() -> list[str]:
     return list(STRATEGIES)
 
 
-_TRAIN_CHOICES = {"augment": _augment_recipes, "strategy": _strategies}
+def _normalize_modes() -> list[str]:
+    from nebula.device.preprocess import NORMALIZE_MODES
+
+    return list(NORMALIZE_MODES)
+
+
+_TRAIN_CHOICES = {"augment": _augment_recipes, "strategy": _strategies, "normalize": _normalize_modes}
 _NOT_OPTIONS = {"data", "out", "weights"}  # data, out: the required paths below; weights: for library callers (tests: None)
 
 
@@ -359,6 +367,10 @@ def _crossval_default(name: str):
 @click.option("--augment", "augment_recipe", default=_crossval_default("augment"), show_default=True,
               help="sky: rotations, flips, crops, exposure, mild white balance, noise. shifted: also other people's "
                    "processing (white balance, saturation, gradients, vignetting, blur, JPEG, bicolour narrowband).")
+@click.option("--normalize", "normalize_mode", default=_crossval_default("normalize"), show_default=True,
+              type=click.Choice(_normalize_modes()),
+              help="Per-image normalisation before the model. sky: subtract each channel's background (light pollution, "
+                   "colour cast, black point) and stretch with one gain for all channels (exposure), on the device too.")
 @click.option("--crops/--no-crops", default=_crossval_default("crops"), show_default=True,
               help="Train on the dataset's catalog-guided crops too.")
 @click.option("--class-balance", default=_crossval_default("class_balance"), show_default=True,
@@ -366,7 +378,7 @@ def _crossval_default(name: str):
 @click.option("--repeats", default=_crossval_default("repeats"), show_default=True,
               help="Repeat with other fold deals and head seeds (cheap: features are cached) and report the spread.")
 @click.option("--seed", default=_crossval_default("seed"), show_default=True)
-def crossval(data, out, backbone_name, folds, views, augment_recipe, crops, class_balance, repeats, seed):
+def crossval(data, out, backbone_name, folds, views, augment_recipe, normalize_mode, crops, class_balance, repeats, seed):
     """Leave-photographers-out cross-validation: the figure to choose recipes by.
 
     Deals the dataset's photographers (manifest.csv's credit) into folds; each
@@ -380,6 +392,7 @@ def crossval(data, out, backbone_name, folds, views, augment_recipe, crops, clas
     Example:
       nebula crossval --data data/stellarium --out models/crossval/lite0 --folds 5
       nebula crossval --data data/stellarium --out models/crossval/nocrops --no-crops
+      nebula crossval --data data/stellarium --out models/crossval/sky-norm --normalize sky
     """
     require_workstation("crossval")
     from nebula.train.crossval import CrossvalConfig, CrossvalError, crossval as run_crossval, summary
@@ -387,7 +400,7 @@ def crossval(data, out, backbone_name, folds, views, augment_recipe, crops, clas
     if augment_recipe not in _augment_recipes():
         raise click.BadParameter(f"{augment_recipe!r} is not one of {', '.join(_augment_recipes())}", param_hint="--augment")
     config = CrossvalConfig(data=data, out=out, backbone=backbone_name, folds=folds, views=views, augment=augment_recipe,
-                            crops=crops, class_balance=class_balance, repeats=repeats, seed=seed)
+                            normalize=normalize_mode, crops=crops, class_balance=class_balance, repeats=repeats, seed=seed)
     try:
         record = run_crossval(config, echo=lambda line: click.echo(line, err=True))
     except CrossvalError as err:

@@ -26,7 +26,7 @@ import json
 import random
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -54,6 +54,7 @@ class CrossvalConfig:
     folds: int = 5
     views: int = 4
     augment: str = "shifted"
+    normalize: str = "none"  # per-image normalisation in the spec: nebula.device.preprocess.NORMALIZE_MODES
     crops: bool = True
     seed: int = 0
     batch_size: int = 32
@@ -121,10 +122,11 @@ def crossval(config: CrossvalConfig, echo: Callable[[str], None] = print) -> dic
     labels = ordered_labels(rows)
     make_deterministic(config.seed)
     backbone_info = backbones.get(config.backbone)
-    spec = backbone_info.preprocess
+    spec = replace(backbone_info.preprocess, normalize=config.normalize)
     photos = [r for r in rows if r.origin != "crop"]
     echo(f"{len(photos)} photographs by {len({photographer(r) for r in photos})} photographers in {config.folds} folds, "
-         f"{len(rows) - len(photos)} crops (train only); backbone {config.backbone}, augment {config.augment}")
+         f"{len(rows) - len(photos)} crops (train only); backbone {config.backbone}, augment {config.augment}, "
+         f"normalize {config.normalize}")
 
     rows, views = _view_features(rows, data_dir, spec, labels, config, echo)
     index = {label: i for i, label in enumerate(labels)}

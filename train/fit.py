@@ -30,7 +30,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -73,6 +73,7 @@ class TrainConfig:
     snap_weights: bool = True  # backbone kernels rounded to the int8 grid before training (nebula.train.int8_grid)
     crops: bool = True  # train on the dataset's catalog-guided crops too (never in val or test)
     augment: str = "shifted"  # augmentation recipe: nebula.train.augment.RECIPES ("sky" reproduces the earlier recipe)
+    normalize: str = "none"  # per-image normalisation, written into the run's spec: nebula.device.preprocess.NORMALIZE_MODES
     calibrate: bool = True  # fit a temperature on validation and fold it into the classifier
     class_balance: float = 0.5  # power of the inverse-frequency class weights: 0 none, 1 fully balanced
     patience: int = 4  # epochs without a better validation macro-F1 before a phase stops
@@ -137,7 +138,8 @@ def distribution_strategy(kind: str = "auto"):
     return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
 
 
-def init_from_run(run_dir: str | Path, backbone, classifier, labels: list[str], backbone_name: str) -> None:
+def init_from_run(run_dir: str | Path, backbone, classifier, labels: list[str], backbone_name: str,
+                  normalize: str = "none") -> None:
     """Start from a trained run (`--init-from RUN`): copy its backbone (tuned units included) and its head.
 
     The head's outputs are the labels, so the run's labels must be this dataset's, in order.
@@ -155,6 +157,8 @@ def init_from_run(run_dir: str | Path, backbone, classifier, labels: list[str], 
                             f"({', '.join(labels)}); fine-tuning keeps the head's outputs, so train without --init-from")
     if run.config.get("backbone", backbone_name) != backbone_name:
         raise TrainingError(f"--init-from {run_dir}: it was trained on backbone {run.config['backbone']}, not {backbone_name}")
+    if run.spec.normalize != normalize:
+        raise TrainingError(f"--init-from {run_dir}: it was trained with --normalize {run.spec.normalize}, not {normalize}")
     saved = keras.saving.load_model(run.model_path, compile=False)
     backbone.set_weights(saved.get_layer(backbone.name).get_weights())
     classifier.build((None, backbone.output_shape[-1]))
@@ -270,7 +274,7 @@ def _train(config: TrainConfig, strategy, out: Path, echo: Callable[[str], None]
     for split in ("train", "val"):
         if not splits[split]:
             raise TrainingError(f"{data_dir}: the {split} split is empty ({len(rows)} images are too few to split by group)")
-    spec = backbone_info.preprocess
+    spec = replace(backbone_info.preprocess, normalize=config.normalize)
     out.mkdir(parents=True, exist_ok=True)
     runfiles.write_split(out / runfiles.SPLIT_NAME, splits)
     runfiles.write_image_list(out / runfiles.TEST_IMAGES_NAME, [Path(data_dir) / r.file for r in splits["test"]])
@@ -310,7 +314,7 @@ def _train(config: TrainConfig, strategy, out: Path, echo: Callable[[str], None]
         dropout = keras.layers.Dropout(config.dropout, name="head_dropout")
         classifier = keras.layers.Dense(len(labels), activation="softmax", name="classifier")
         if config.init_from:
-            init_from_run(config.init_from, backbone, classifier, labels, config.backbone)
+            init_from_run(config.init_from, backbone, classifier, labels, config.backbone, config.normalize)
             echo(f"starting from {config.init_from}: its backbone and head weights")
 
     # Cache the frozen bottom's output for every training view and validation image.
