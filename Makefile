@@ -1,5 +1,5 @@
 # Every target is one line you could type yourself. `make` runs the whole main job.
-.PHONY: all setup data catalog train convert demo test bench crossval clean
+.PHONY: all setup data catalog train convert demo test bench crossval own-sky clean
 
 all: setup data catalog train convert demo
 
@@ -26,6 +26,10 @@ demo:
 # Leave-photographers-out cross-validation: the figure recipes are chosen by (README, "Other photographers").
 crossval:
 	.venv/bin/nebula crossval --data data/stellarium --out models/crossval --repeats 3
+
+# The review loop, measured: N labelled frames of a photographer held out (README, "Learn from your own sky").
+own-sky:
+	.venv/bin/nebula own-sky --data data/stellarium --photographer "Plover Hill Observatory" --n 10 --n 50 --draws 2 --out models/own_sky
 
 test: .venv/bin/pytest
 	.venv/bin/pytest
