@@ -265,15 +265,17 @@ def _plot(points: list[Point], path: Path, photographer: str) -> None:
     for ax, metric in zip(axes, ("accuracy", "macro_f1")):
         for d in sorted({p.draw for p in points if p.n}):
             mine = sorted((p for p in points if p.draw == d or p.n == 0), key=lambda p: p.n)
-            ax.plot([p.n for p in mine], [getattr(p, metric) for p in mine], marker="o", label=f"fine-tuned, draw {d}")
+            colour = f"C{d}"
+            ax.plot([p.n for p in mine], [getattr(p, metric) for p in mine], marker="o", color=colour,
+                    label=f"fine-tuned, draw {d}")
             ax.plot([p.n for p in mine], [getattr(p, "base_" + metric) for p in mine], marker="x", linestyle=":",
-                    label=f"base run, same photos, draw {d}")
+                    color=colour, label=f"base run on the same photos, draw {d}")
         ax.set_xlabel("frames the user labelled (N)")
         ax.set_title(metric.replace("_", "-"), fontsize=9)
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=6)
-    fig.suptitle(f"{photographer}: scored on the photographs no run labelled", fontsize=9)
+    fig.suptitle(f"{photographer}: each run scored on the photographs it did not label", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
