@@ -73,8 +73,10 @@ def plan(rows: list[ManifestRow], photographer: str) -> tuple[list[ManifestRow],
 
 def credited_to(row: ManifestRow, photographer: str) -> bool:
     """The row's credit is the photographer's: the whole credit, or its name without the address
-    ('Plover Hill Observatory <http://...>' is Plover Hill Observatory's)."""
-    return row.credit == photographer or row.credit.split(" <", 1)[0].strip() == photographer
+    ('Plover Hill Observatory <http://...>' is Plover Hill Observatory's, as crossval names photographers)."""
+    from nebula.train.crossval import photographer as name_of
+
+    return row.credit == photographer or name_of(row) == photographer
 
 
 def draw_frames(theirs: list[ManifestRow], largest_n: int, seed: int) -> tuple[list[ManifestRow], list[ManifestRow]]:
