@@ -178,9 +178,8 @@ def convert_run(run_dir, out, representative: int = 200, seed: int = 0, force: b
     # Before scoring: the int8 scores below are then those of the very flatbuffer written.
     flatbuffer = add_metadata(flatbuffer, run.labels, manifest)
 
-    # Each image is scored once: validation photographs then the test split, sliced apart afterwards.
-    val_rows = [r for r in run.splits["val"] if r.origin != "crop"]
-    test_rows = run.splits["test"]
+    # Each image is scored once: validation photographs then test photographs, sliced apart afterwards.
+    val_rows, test_rows = ([r for r in run.splits[split] if r.origin != "crop"] for split in GATE_SPLITS)
     rows = val_rows + test_rows
     paths = [run.image_path(r) for r in rows]
     echo(f"Scoring float and int8 on the run's validation and test photographs ({len(val_rows)} + {len(test_rows)} images)")
@@ -201,9 +200,7 @@ def convert_run(run_dir, out, representative: int = 200, seed: int = 0, force: b
     agreement = float(np.mean(test_float.argmax(1) == test_int8.argmax(1))) if test_rows else 0.0
     probability_gap = float(np.abs(test_float - test_int8).mean()) if test_rows else 0.0
 
-    photos = [i for i, r in enumerate(rows) if r.origin != "crop"]
-    gate = gate_figures([truth[i] for i in photos], [float_pred[i] for i in photos], [int8_pred[i] for i in photos],
-                        {"val": len(val_rows), "test": sum(r.origin != "crop" for r in test_rows)})
+    gate = gate_figures(truth, float_pred, int8_pred, {"val": len(val_rows), "test": len(test_rows)})
     failures = check_gate(gate["images"], gate["float_correct"], gate["int8_correct"], gate["agreed"])
 
     float_bytes = int(sum(np.prod(w.shape) for w in model.weights)) * 4

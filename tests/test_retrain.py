@@ -131,6 +131,16 @@ def test_init_from_with_other_labels_is_one_clear_error(first_run, tmp_path):
         "fine-tuning keeps the head's outputs, so train without --init-from")
 
 
+
+def test_init_from_with_another_normalisation_is_one_clear_error(first_run, sky, tmp_path):
+    """The run's weights saw un-normalised images; fine-tuning them on normalised ones would start from the wrong input."""
+    result = CliRunner().invoke(cli, ["train", "--data", str(sky), "--out", str(tmp_path / "x"), *TINY, "--init-from", str(first_run),
+                                      "--normalize", "sky"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == (
+        f"Error: --init-from {first_run}: it was trained with --normalize none, not sky")
+
+
 # --- scale-out: MirroredStrategy over two logical CPU devices ---------------------------------
 
 # In a subprocess: logical devices can only be set before TensorFlow initialises, and must not leak into other tests.
