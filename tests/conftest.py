@@ -5,6 +5,7 @@ The tiny model is a real model, trained for a few seconds to tell red nebulae
 converted with the project's own int8 path — so device tests can assert answers.
 """
 
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ def write_sky_folder(root: Path, per_label: int = 12, size: int = 64, labels=TIN
     for label in labels:
         (root / label).mkdir(parents=True, exist_ok=True)
         for i in range(per_label):
-            Image.fromarray(sky_image(label, size, seed=hash((label, i)) % 2**32)).save(root / label / f"{label}{i // 2}-{i % 2}.png")
+            Image.fromarray(sky_image(label, size, seed=zlib.crc32(f"{label}{i}".encode()))).save(root / label / f"{label}{i // 2}-{i % 2}.png")
     return root
 
 
