@@ -53,7 +53,7 @@ def test_a_capture_is_named_as_a_capture_program_names_its_target():
     assert capture_name(_row("other/odd.png", "other", "p", "g"), 0) == "odd_Light_000.png"
 
 
-TINY = {"backbone": "tiny", "unfreeze": 0, "views": 2, "head_epochs": 8, "head_lr": 0.05, "calibrate": False, "dropout": 0.0,
+TINY = {"backbone": "tiny", "unfreeze": 0, "views": 2, "head": "dense", "head_epochs": 8, "head_lr": 0.05, "calibrate": False, "dropout": 0.0,
         "patience": 8}
 
 

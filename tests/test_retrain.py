@@ -80,8 +80,9 @@ def _csv(path):
 
 # --- nebula train --init-from -----------------------------------------------------------------
 
-TINY = ["--backbone", "tiny", "--unfreeze", "0", "--views", "2", "--head-epochs", "8", "--head-lr", "0.01", "--no-calibrate",
-        "--dropout", "0"]
+# The Adam-trained head (--head dense): these tests steer its epochs and learning rate.
+TINY = ["--backbone", "tiny", "--unfreeze", "0", "--views", "2", "--head", "dense", "--head-epochs", "8", "--head-lr", "0.01",
+        "--no-calibrate", "--dropout", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +221,7 @@ def test_nebula_train_runs_under_mirrored_on_two_cpu_devices(sky, tmp_path):
 # --- the whole loop --------------------------------------------------------------------------
 
 # A model sure of its answers, as a real one is: near-ties flip under int8 rounding and the gate refuses them.
-CONFIDENT = ["--backbone", "tiny", "--unfreeze", "4", "--head-epochs", "5", "--epochs", "15", "--head-lr", "0.01",
+CONFIDENT = ["--backbone", "tiny", "--unfreeze", "4", "--head", "dense", "--head-epochs", "5", "--epochs", "15", "--head-lr", "0.01",
              "--finetune-lr", "0.003", "--views", "8"]
 
 

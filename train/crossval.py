@@ -14,7 +14,7 @@ augmentation, backbone), not the object-split test of `nebula train`.
 
 Speed: the backbone is frozen (head only, as `nebula train --unfreeze 0`), so the
 features of every view of every image are computed once and each fold trains
-in seconds. Crops (origin "crop") train only; scores are on whole photographs.
+in seconds (the head: linear_head.py, or the Adam-trained one with --head dense). Crops (origin "crop") train only; scores are on whole photographs.
 Each fold fits a temperature on its own validation images (calibrate.py), and the
 expected calibration error is reported before and after.
 """
@@ -32,13 +32,18 @@ from typing import Callable
 
 import numpy as np
 
-from nebula.train import calibrate
+from nebula.train import calibrate, linear_head
 from nebula.train.evaluate import format_scores, score
 from nebula.train.manifest import ManifestRow, grouped_split, load_dataset
 
 DARK_VS_EMISSION = ("dark", "emission")
 CROSSVAL_NAME = "crossval.json"
 FEATURE_CACHE = Path.home() / ".cache" / "nebula-classifier" / "features"
+
+
+# logistic: L2 multinomial logistic regression solved to convergence (linear_head.py); dense: Adam, early
+# stopping on the inner validation macro-F1 (the head before 2026-12-07, kept to reproduce its figures).
+HEADS = ("logistic", "dense")
 
 
 class CrossvalError(ValueError):
@@ -58,7 +63,9 @@ class CrossvalConfig:
     crops: bool = True
     seed: int = 0
     batch_size: int = 32
-    head_lr: float = 1e-3
+    head: str = "logistic"  # HEADS: how the head is fitted
+    head_l2: float = 1e-3  # the logistic head's L2 penalty (linear_head.DEFAULT_L2)
+    head_lr: float = 1e-3  # the dense head's Adam learning rate
     head_epochs: int = 40
     patience: int = 4
     dropout: float = 0.3
@@ -116,6 +123,8 @@ def crossval(config: CrossvalConfig, echo: Callable[[str], None] = print) -> dic
     from nebula.train import backbones, report, run as runfiles
     from nebula.train.fit import make_deterministic, ordered_labels
 
+    if config.head not in HEADS:
+        raise CrossvalError(f"head {config.head!r} is not one of {', '.join(HEADS)}")
     t_start = time.perf_counter()
     data_dir, out = Path(config.data).resolve(), Path(config.out)
     rows = [r for r in load_dataset(data_dir) if config.crops or r.origin != "crop"]
@@ -126,7 +135,7 @@ def crossval(config: CrossvalConfig, echo: Callable[[str], None] = print) -> dic
     photos = [r for r in rows if r.origin != "crop"]
     echo(f"{len(photos)} photographs by {len({photographer(r) for r in photos})} photographers in {config.folds} folds, "
          f"{len(rows) - len(photos)} crops (train only); backbone {config.backbone}, augment {config.augment}, "
-         f"normalize {config.normalize}")
+         f"normalize {config.normalize}, head {config.head}")
 
     rows, views = _view_features(rows, data_dir, spec, labels, config, echo)
     index = {label: i for i, label in enumerate(labels)}
@@ -186,13 +195,16 @@ def _one_pass(rows, views, truth_index, labels, fold_of, config: CrossvalConfig,
         y = np.repeat(truth_index[fit_idx], config.views)
         weights = class_weights(y, len(labels), config.class_balance)[y]
         head_input = keras.Input((x.shape[1],))
-        head = keras.Model(head_input, keras.layers.Dense(len(labels), activation="softmax")(
-            keras.layers.Dropout(config.dropout)(head_input)))
-        head.compile(optimizer=keras.optimizers.Adam(config.head_lr), loss="sparse_categorical_crossentropy")
-        fit_with_early_stopping(f"fold {k + 1}/{config.folds}", head,
-                                training_pipeline(x, y, weights, config.batch_size, config.seed + repeat + k),
-                                views[val_idx, 0], truth_index[val_idx], labels, config.head_epochs, config.patience,
-                                config.batch_size, lambda line: None, [])
+        classifier = keras.layers.Dense(len(labels), activation="softmax")
+        head = keras.Model(head_input, classifier(keras.layers.Dropout(config.dropout)(head_input)))
+        if config.head == "logistic":
+            classifier.set_weights(list(linear_head.fit(x, y, weights, len(labels), config.head_l2)))
+        else:
+            head.compile(optimizer=keras.optimizers.Adam(config.head_lr), loss="sparse_categorical_crossentropy")
+            fit_with_early_stopping(f"fold {k + 1}/{config.folds}", head,
+                                    training_pipeline(x, y, weights, config.batch_size, config.seed + repeat + k),
+                                    views[val_idx, 0], truth_index[val_idx], labels, config.head_epochs, config.patience,
+                                    config.batch_size, lambda line: None, [])
         val_probs = head.predict(views[val_idx, 0], batch_size=config.batch_size, verbose=0)
         temperature = calibrate.fit_temperature(val_probs, truth_index[val_idx])
         probs = head.predict(views[test_idx, 0], batch_size=config.batch_size, verbose=0)

@@ -10,11 +10,12 @@
    backbone -- the units below the `--unfreeze` cut. Those cached tensors are
    all the later phases train on, which is what makes them fast.
 4. Phase 1 (head): the top units stay frozen; their pooled features train the
-   head (dropout + dense softmax) with class-balanced sample weights.
+   head (dropout + dense softmax) with class-balanced sample weights: by default
+   solved as an L2 logistic regression (linear_head.py; --head dense: Adam).
 5. Phase 2 (fine-tune, if --unfreeze N > 0): the top N units and the head train
    together on the cached tensors at a low learning rate. BatchNorm stays frozen.
    The tuned units are rounded onto the int8 grid again and validation is re-scored.
-Each phase stops early on validation macro-F1 and keeps its best epoch; phase 2
+Each Adam phase stops early on validation macro-F1 and keeps its best epoch; phase 2
 starts from phase 1's best, so it can only replace it by beating it on validation.
 The test split is scored once, at the end, with the device's preprocessing.
 
@@ -38,7 +39,7 @@ import numpy as np
 
 from nebula.device.preprocess import PreprocessSpec
 from nebula.train import report, run as runfiles
-from nebula.train import calibrate
+from nebula.train import calibrate, linear_head
 from nebula.train.augment import RECIPES, save_grid, view_rng
 from nebula.train.dataset import (
     DecodedImages,
@@ -61,7 +62,9 @@ class TrainConfig:
     out: str
     backbone: str = "efficientnet_lite0"
     weights: str = "pretrained"
-    head_epochs: int = 40  # the most epochs of phase 1 (cached features: a fraction of a second each)
+    head: str = "logistic"  # phase 1: logistic (linear_head.py, solved to convergence) or dense (Adam, early stopping)
+    head_l2: float = 1e-3  # the logistic head's L2 penalty
+    head_epochs: int = 40  # the most epochs of phase 1 with the dense head (cached features: a fraction of a second each)
     epochs: int = 12  # the most epochs of phase 2 (fine-tuning); early stopping may end either phase sooner
     unfreeze: int = 2  # top units fine-tuned in phase 2 (0 = head only)
     views: int = 4  # views per training image: the plain one + augmented ones
@@ -238,6 +241,10 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> TrainResu
     """
     from nebula.train import multiworker
 
+    from nebula.train.crossval import HEADS
+
+    if config.head not in HEADS:
+        raise TrainingError(f"--head {config.head}: not one of {', '.join(HEADS)}")
     data_dir = Path(config.data).resolve()
     if not data_dir.is_dir():
         raise TrainingError(f"{data_dir}: no such dataset folder")
@@ -315,7 +322,8 @@ def _train(config: TrainConfig, strategy, out: Path, echo: Callable[[str], None]
         classifier = keras.layers.Dense(len(labels), activation="softmax", name="classifier")
         if config.init_from:
             init_from_run(config.init_from, backbone, classifier, labels, config.backbone, config.normalize)
-            echo(f"starting from {config.init_from}: its backbone and head weights")
+            echo(f"starting from {config.init_from}: its backbone and head weights"
+                 + ("; the logistic head is solved again on this data" if config.head == "logistic" else ""))
 
     # Cache the frozen bottom's output for every training view and validation image.
     t = time.perf_counter()
@@ -337,9 +345,21 @@ def _train(config: TrainConfig, strategy, out: Path, echo: Callable[[str], None]
         head_input = keras.Input(features_train.shape[1:])
         head = keras.Model(head_input, classifier(dropout(head_input)), name="head")
         head.compile(optimizer=keras.optimizers.Adam(config.head_lr), loss="sparse_categorical_crossentropy")
-    data = training_pipeline(features_train, y_train, weights, config.batch_size, config.seed)
-    best = fit_with_early_stopping("phase 1 (head)", head, data, features_val, val_images.labels, labels, config.head_epochs,
-                      config.patience, config.batch_size, echo, history["phase 1: head"], strategy=strategy)
+    if config.head == "logistic":
+        with strategy.scope():
+            classifier.set_weights(list(linear_head.fit(features_train, y_train, weights, len(labels), config.head_l2)))
+        best = _macro_f1_and_accuracy(head.predict(features_val, batch_size=config.batch_size, verbose=0),
+                                      val_images.labels, labels)
+        train_probs = head.predict(features_train, batch_size=config.batch_size, verbose=0)
+        train_loss = float((weights * -np.log(train_probs[np.arange(len(y_train)), y_train] + 1e-12)).mean())
+        history["phase 1: head"].append({"epoch": 1, "loss": train_loss, "val_accuracy": best[1], "val_macro_f1": best[0]})
+        echo(f"phase 1 (head) logistic, L2 {config.head_l2:g}, solved in {time.perf_counter() - t:.1f} s  "
+             f"val acc {best[1]:.3f}  val macro-F1 {best[0]:.3f}")
+    else:
+        data = training_pipeline(features_train, y_train, weights, config.batch_size, config.seed)
+        best = fit_with_early_stopping("phase 1 (head)", head, data, features_val, val_images.labels, labels,
+                                       config.head_epochs, config.patience, config.batch_size, echo,
+                                       history["phase 1: head"], strategy=strategy)
     validation = {"phase1": {"macro_f1": best[0], "accuracy": best[1]}}
     wall["phase1_s"] = time.perf_counter() - t
 
