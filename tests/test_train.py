@@ -22,7 +22,7 @@ from nebula.train.run import load_run
 
 # A random-weights backbone needs all its units trained and brisk learning rates to learn in seconds, and
 # patience: its head barely moves in 5 epochs, and fine-tuning can take 5 before validation improves.
-# The Adam-trained head (--head dense), so this module keeps it tested; test_linear_head.py trains the default.
+# The Adam-trained head, named (--head dense) because these flags steer it; test_linear_head.py trains --head logistic.
 TINY_ARGS = ["--backbone", "tiny", "--unfreeze", "4", "--head", "dense", "--head-epochs", "5", "--epochs", "15",
              "--head-lr", "0.01", "--finetune-lr", "0.003", "--views", "8", "--patience", "8"]
 RUN_FILES = ["model.keras", "labels.txt", "preprocess.json", "split.csv", "config.json", "metrics.json", "history.json",

@@ -187,16 +187,16 @@ def backbone_check(backbone_name):
 # so a new field costs no edit here (a help text here makes its --help read better).
 _TRAIN_HELP = {
     "backbone": "Registered backbone (nebula backbone list).",
-    "head_epochs": "Most epochs of phase 1 with the dense head.",
+    "head_epochs": "Most epochs of phase 1 (the dense head).",
     "epochs": "Most epochs of phase 2 (fine-tuning); early stopping on validation macro-F1 may end a phase sooner.",
     "unfreeze": "Top backbone units fine-tuned in phase 2 (0 = head only).",
     "views": "Views per training image: the plain one plus augmented ones.",
     "seed": "Seed for the split, augmentation and initialisation.",
     "batch_size": "Images per batch.",
-    "head": "How phase 1 fits the head. logistic: L2 logistic regression solved to convergence (seconds; scores higher "
-            "leave-photographers-out). dense: Adam with early stopping on validation macro-F1 (the head before 2026-12-07).",
+    "head": "How phase 1 fits the head. dense: Adam with early stopping on validation macro-F1. logistic: L2 logistic "
+            "regression solved to convergence (seconds; within the noise of dense leave-photographers-out, see README).",
     "head_l2": "L2 penalty of the logistic head.",
-    "head_lr": "Learning rate of phase 1 with the dense head.",
+    "head_lr": "Learning rate of phase 1 (the dense head).",
     "finetune_lr": "Learning rate of phase 2 (fine-tuning).",
     "dropout": "Dropout before the softmax layer.",
     "snap_weights": "Round the backbone's kernels onto the int8 grid the converter uses before training, so the float model "
@@ -385,8 +385,8 @@ def _crossval_default(name: str):
 @click.option("--class-balance", default=_crossval_default("class_balance"), show_default=True,
               help="Power of the inverse-frequency class weights: 0 none, 1 fully balanced.")
 @click.option("--head", "head_kind", default=_crossval_default("head"), show_default=True, type=click.Choice(_heads()),
-              help="logistic: L2 logistic regression solved to convergence. dense: Adam with early stopping on "
-                   "validation macro-F1 (the head before 2026-12-07).")
+              help="dense: Adam with early stopping on validation macro-F1. logistic: L2 logistic regression "
+                   "solved to convergence (seconds; within the noise of dense here, see README).")
 @click.option("--head-l2", default=_crossval_default("head_l2"), show_default=True, help="L2 penalty of the logistic head.")
 @click.option("--repeats", default=_crossval_default("repeats"), show_default=True,
               help="Repeat with other fold deals and head seeds (cheap: features are cached) and report the spread.")

@@ -10,8 +10,8 @@
    backbone -- the units below the `--unfreeze` cut. Those cached tensors are
    all the later phases train on, which is what makes them fast.
 4. Phase 1 (head): the top units stay frozen; their pooled features train the
-   head (dropout + dense softmax) with class-balanced sample weights: by default
-   solved as an L2 logistic regression (linear_head.py; --head dense: Adam).
+   head (dropout + dense softmax) with class-balanced sample weights (Adam; --head
+   logistic solves it as an L2 logistic regression instead, linear_head.py).
 5. Phase 2 (fine-tune, if --unfreeze N > 0): the top N units and the head train
    together on the cached tensors at a low learning rate. BatchNorm stays frozen.
    The tuned units are rounded onto the int8 grid again and validation is re-scored.
@@ -62,8 +62,8 @@ class TrainConfig:
     out: str
     backbone: str = "efficientnet_lite0"
     weights: str = "pretrained"
-    head: str = "logistic"  # phase 1: logistic (linear_head.py, solved to convergence) or dense (Adam, early stopping)
-    head_l2: float = 1e-3  # the logistic head's L2 penalty
+    head: str = "dense"  # phase 1: dense (Adam, early stopping) or logistic (linear_head.py; not better: README)
+    head_l2: float = linear_head.DEFAULT_L2  # the logistic head's L2 penalty
     head_epochs: int = 40  # the most epochs of phase 1 with the dense head (cached features: a fraction of a second each)
     epochs: int = 12  # the most epochs of phase 2 (fine-tuning); early stopping may end either phase sooner
     unfreeze: int = 2  # top units fine-tuned in phase 2 (0 = head only)
