@@ -92,3 +92,13 @@ def test_an_unknown_head_is_refused(tmp_path):
     data = write_sky_folder(tmp_path / "sky", per_label=4)
     result = CliRunner().invoke(cli, ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--head", "forest"])
     assert result.exit_code == 2 and "forest" in result.output
+
+
+def test_library_callers_get_one_line_for_an_unknown_head(tmp_path):
+    from nebula.train.crossval import CrossvalConfig, CrossvalError, crossval
+    from nebula.train.fit import TrainConfig, TrainingError, train
+
+    with pytest.raises(TrainingError, match="--head forest: not one of dense, logistic"):
+        train(TrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), head="forest"))
+    with pytest.raises(CrossvalError, match="head 'forest' is not one of dense, logistic"):
+        crossval(CrossvalConfig(data=str(tmp_path), out=str(tmp_path / "cv"), head="forest"))

@@ -237,7 +237,7 @@ def _normalize_modes() -> list[str]:
 
 
 def _heads() -> list[str]:
-    from nebula.train.crossval import HEADS
+    from nebula.train.linear_head import HEADS
 
     return list(HEADS)
 

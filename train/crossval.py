@@ -14,7 +14,8 @@ augmentation, backbone), not the object-split test of `nebula train`.
 
 Speed: the backbone is frozen (head only, as `nebula train --unfreeze 0`), so the
 features of every view of every image are computed once and each fold trains
-in seconds (the head: Adam-trained, or solved with --head logistic, linear_head.py). Crops (origin "crop") train only; scores are on whole photographs.
+in seconds (the head: Adam-trained, or solved with --head logistic, linear_head.py).
+Crops (origin "crop") train only; scores are on whole photographs.
 Each fold fits a temperature on its own validation images (calibrate.py), and the
 expected calibration error is reported before and after.
 """
@@ -41,11 +42,6 @@ CROSSVAL_NAME = "crossval.json"
 FEATURE_CACHE = Path.home() / ".cache" / "nebula-classifier" / "features"
 
 
-# dense: Adam, early stopping on the inner validation macro-F1 (the default). logistic: L2 multinomial logistic
-# regression solved to convergence (linear_head.py); measured against dense in README ("Other photographers").
-HEADS = ("dense", "logistic")
-
-
 class CrossvalError(ValueError):
     """A dataset that cannot be cross-validated as asked; the message is one line saying why."""
 
@@ -63,7 +59,7 @@ class CrossvalConfig:
     crops: bool = True
     seed: int = 0
     batch_size: int = 32
-    head: str = "dense"  # HEADS: how the head is fitted
+    head: str = "dense"  # linear_head.HEADS: how the head is fitted
     head_l2: float = linear_head.DEFAULT_L2  # the logistic head's L2 penalty
     head_lr: float = 1e-3  # the dense head's Adam learning rate
     head_epochs: int = 40
@@ -123,8 +119,8 @@ def crossval(config: CrossvalConfig, echo: Callable[[str], None] = print) -> dic
     from nebula.train import backbones, report, run as runfiles
     from nebula.train.fit import make_deterministic, ordered_labels
 
-    if config.head not in HEADS:
-        raise CrossvalError(f"head {config.head!r} is not one of {', '.join(HEADS)}")
+    if config.head not in linear_head.HEADS:
+        raise CrossvalError(f"head {config.head!r} is not one of {', '.join(linear_head.HEADS)}")
     t_start = time.perf_counter()
     data_dir, out = Path(config.data).resolve(), Path(config.out)
     rows = [r for r in load_dataset(data_dir) if config.crops or r.origin != "crop"]

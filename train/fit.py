@@ -241,10 +241,8 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> TrainResu
     """
     from nebula.train import multiworker
 
-    from nebula.train.crossval import HEADS
-
-    if config.head not in HEADS:
-        raise TrainingError(f"--head {config.head}: not one of {', '.join(HEADS)}")
+    if config.head not in linear_head.HEADS:
+        raise TrainingError(f"--head {config.head}: not one of {', '.join(linear_head.HEADS)}")
     data_dir = Path(config.data).resolve()
     if not data_dir.is_dir():
         raise TrainingError(f"{data_dir}: no such dataset folder")
