@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from conftest import write_sky_folder
 from nebula.cli import cli
 from nebula.train import linear_head
+from nebula.train.calibrate import softmax
 from nebula.train.run import load_run
 
 
@@ -41,7 +42,7 @@ def test_fit_drops_into_a_dense_layer_and_separates_separable_data():
     dense.build((None, 5))
     dense.set_weights([kernel, bias])
     probs = np.asarray(dense(x.astype(np.float32)))
-    np.testing.assert_allclose(probs, linear_head.softmax(x @ kernel + bias), atol=1e-5)  # the centring is in the bias
+    np.testing.assert_allclose(probs, softmax(x @ kernel + bias), atol=1e-5)  # the centring is in the bias
     assert (probs.argmax(1) == y).all()
 
 
@@ -51,7 +52,7 @@ def test_a_larger_penalty_shrinks_the_kernel_and_weights_count():
     assert norms[0] > norms[1] > norms[2]
     # weighting class 0 heavily moves answers towards it
     weights = np.where(y == 0, 20.0, 1.0)
-    plain, weighted = (linear_head.softmax(x @ k + b)[:, 0].mean()
+    plain, weighted = (softmax(x @ k + b)[:, 0].mean()
                        for k, b in (linear_head.fit(x, y, None, 3, 0.1), linear_head.fit(x, y, weights, 3, 0.1)))
     assert weighted > plain
 

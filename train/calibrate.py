@@ -21,12 +21,15 @@ def _log(probs: np.ndarray) -> np.ndarray:
     return np.log(np.clip(probs.astype(np.float64), 1e-12, 1.0))
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
 def scale(probs: np.ndarray, temperature: float) -> np.ndarray:
     """Softmax probabilities re-tempered: softmax(log p / T), which equals softmax(z / T) for the logits z."""
-    z = _log(probs) / temperature
-    z -= z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    return softmax(_log(probs) / temperature)
 
 
 def nll(probs: np.ndarray, truth: np.ndarray) -> float:

@@ -19,16 +19,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from nebula.train.calibrate import softmax
+
 # How nebula train and nebula crossval may fit the head: dense (Adam with early stopping on validation
 # macro-F1, fit.py; the default) or logistic (solved here; measured against dense in README).
 HEADS = ("dense", "logistic")
 DEFAULT_L2 = 1e-3  # the best of 1e-4, 1e-3, 1e-2 on one deal of folds; measured again on another (README)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
 
 
 def loss_and_gradient(theta: np.ndarray, x: np.ndarray, y: np.ndarray, w: np.ndarray, n_classes: int, l2: float):
