@@ -6,6 +6,7 @@ import io
 import json
 import os
 import queue
+import select
 import shutil
 import signal
 import socket
@@ -457,14 +458,23 @@ def test_other_methods_get_405_in_json(server):
 
 def test_uploads_beyond_the_slots_get_503_with_retry_after(classifier):
     server = start_server(classifier, "127.0.0.1", 0, max_uploads=1, upload_timeout_s=3.0)
+
+    def stall():  # holds the only slot until its 3 s of silence run out
+        return _raw(server, "POST", "/api/classify", {"Content-Length": "5000", "Content-Type": "image/png"},
+                    _png()[:100], read=False)
+
     try:
-        stalled = _raw(server, "POST", "/api/classify", {"Content-Length": "5000", "Content-Type": "image/png"},
-                       _png()[:100], read=False)  # holds the only slot until its 3 s of silence run out
-        deadline = time.monotonic() + 2
-        while True:  # until the server has taken the stalled upload's slot (at once, unless the machine is busy)
+        stalled = stall()
+        deadline = time.monotonic() + 60  # bounds a broken server only
+        while True:  # until the stalled upload holds the slot when a probe comes
             got, answer, head = _upload(server, "M42.png", _png())
             if got == 503 or time.monotonic() > deadline:
                 break
+            # The probe had the slot: on a busy machine it can reach the server first, and the stalled upload
+            # is then refused (or times out). Once the server has answered it, stall again.
+            if select.select([stalled.sock], [], [], 0)[0]:
+                stalled.close()
+                stalled = stall()
             time.sleep(0.05)
         assert got == 503 and head["Retry-After"] == "5" and answer["error"] == "busy: 1 upload already in progress (the limit); try again in 5 s"
         assert stalled.getresponse().status == 408
