@@ -238,3 +238,79 @@ def test_crossval_command_runs_end_to_end_on_tiny_skies(tmp_path, monkeypatch):
     assert compared["macro_f1"]["difference_mean"] == 0 and "B ahead in 0.0% of draws" in itself.output
     too_many = CliRunner().invoke(cli, [*args[:8], "12", *args[9:]])  # 12 folds of 6 photographers: some fold is empty
     assert too_many.exit_code == 1 and "too few photographers or object groups" in too_many.output
+
+
+def test_crossval_fine_tuning_starts_every_fold_from_the_same_top(tmp_path, monkeypatch):
+    """--unfreeze: the bottom's output is cached, the top units move on a fold, and the next fold starts from the same
+    (snapped) weights again, so no fold inherits what another fold's photographers taught it."""
+    import keras
+
+    from conftest import write_sky_folder
+
+    from nebula.train import backbones, crossval, int8_grid
+    from nebula.train.fit import make_deterministic, ordered_labels
+    from nebula.train.manifest import load_dataset
+
+    monkeypatch.setattr(crossval, "FEATURE_CACHE", tmp_path / "cache")
+    data = write_sky_folder(tmp_path / "sky", per_label=6, size=48)
+    rows = load_dataset(data)
+    labels = ordered_labels(rows)
+    config = crossval.CrossvalConfig(data=str(data), out=str(tmp_path / "cv"), backbone="tiny", views=2, unfreeze=1,
+                                     epochs=20, patience=20, finetune_lr=1e-2, dropout=0.0)
+    make_deterministic(0)
+    spec = backbones.get("tiny").preprocess
+    rows, maps = crossval._view_features(rows, data, spec, labels, config, lambda line: None)
+    assert maps.ndim == 5 and maps.shape[:2] == (len(rows), 2)  # (images, views, H, W, C): the bottom's output
+    top = crossval._FineTunableTop(config, maps.shape[2:])
+    assert top.pooled(maps).shape == (len(rows), 2, 32)  # tiny's head has 32 channels
+    start = [w.copy() for layer in top.layers for w in layer.get_weights()]
+
+    truth = np.array([labels.index(r.label) for r in rows], np.int32)
+    everyone = list(range(len(rows)))  # validated on its own training images, so fine-tuning surely finds a better epoch
+    y = np.repeat(truth, 2)
+    classifier = keras.layers.Dense(len(labels), activation="softmax")
+    classifier.build((None, 32))
+    head_start = [np.zeros_like(w) for w in classifier.get_weights()]  # every photo "dark" at first: any learning scores higher
+
+    def one_fold():
+        keras.utils.set_random_seed(1)
+        classifier.set_weights(head_start)
+        model = top.fine_tune(classifier, maps, everyone, everyone, y, np.ones(len(y), np.float32), truth, labels, 0)
+        return model.predict(maps[:, 0], verbose=0), [w.copy() for layer in top.layers for w in layer.get_weights()]
+
+    first_probs, tuned = one_fold()
+    assert any(not np.array_equal(a, b) for a, b in zip(start, tuned))  # the top units were trained
+    assert int8_grid.max_offset(top.backbone) < 1e-3  # and rounded back onto the int8 grid, as nebula train does
+    second_probs, tuned_again = one_fold()
+    np.testing.assert_allclose(second_probs, first_probs, atol=1e-5)  # same start, same answer: the top was reset
+    for a, b in zip(tuned, tuned_again):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_crossval_unfreeze_scores_every_photo_once(tmp_path, monkeypatch):
+    """nebula crossval --unfreeze 1: the fine-tuned recipe is scored like the head-only one and says so in its record."""
+    import json
+
+    from click.testing import CliRunner
+    from conftest import write_sky_folder
+
+    from nebula.cli import cli
+    from nebula.train import crossval
+    from nebula.train.manifest import load_dataset, write_manifest
+
+    monkeypatch.setattr(crossval, "FEATURE_CACHE", tmp_path / "cache")
+    data = write_sky_folder(tmp_path / "sky", per_label=8, size=48)
+    rows = load_dataset(data)
+    groups = sorted({row.group for row in rows})
+    for row in rows:
+        row.credit = f"Photographer {groups.index(row.group) % 6}"
+    write_manifest(rows, data / "manifest.csv")
+    result = CliRunner().invoke(cli, ["crossval", "--data", str(data), "--out", str(tmp_path / "cv"), "--backbone", "tiny",
+                                      "--folds", "3", "--views", "2", "--unfreeze", "1", "--epochs", "2"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "cv" / "crossval.json").read_text())
+    assert record["config"]["unfreeze"] == 1 and record["config"]["epochs"] == 2
+    assert record["photographs"] == len(rows) and sum(f["test_images"] for f in record["folds"]) == len(rows)
+    too_deep = CliRunner().invoke(cli, ["crossval", "--data", str(data), "--out", str(tmp_path / "cv2"), "--backbone", "tiny",
+                                        "--folds", "3", "--unfreeze", "9"])
+    assert too_deep.exit_code == 1 and "--unfreeze 9" in too_deep.output and "4 units" in too_deep.output

@@ -12,9 +12,12 @@ by a model that saw neither its photographer nor its object: the pooled
 macro-F1 and per-label recall are the figure to choose recipes by (data, crops,
 augmentation, backbone), not the object-split test of `nebula train`.
 
-Speed: the backbone is frozen (head only, as `nebula train --unfreeze 0`), so the
-features of every view of every image are computed once and each fold trains
-in seconds (the head: Adam-trained, or solved with --head logistic, linear_head.py).
+Speed: by default the backbone is frozen (head only, as `nebula train --unfreeze 0`), so
+the features of every view of every image are computed once and each fold trains in
+seconds (the head: Adam-trained, or solved with --head logistic, linear_head.py).
+`--unfreeze N` scores what `nebula train` (and so `make`) does: the output of the frozen
+bottom is computed once, and each fold fine-tunes the top N units from the ImageNet
+weights on it, as phase 2 of fit.py does, then rounds them onto the int8 grid.
 Crops (origin "crop") train only; scores are on whole photographs.
 Each fold fits a temperature on its own validation images (calibrate.py), and the
 expected calibration error is reported before and after.
@@ -68,6 +71,9 @@ class CrossvalConfig:
     snap_weights: bool = True
     class_balance: float = 0.5  # power of the inverse-frequency class weights (dataset.class_weights)
     repeats: int = 1  # passes with other fold deals and head seeds, for the spread
+    unfreeze: int = 0  # top backbone units fine-tuned per fold after the head (nebula train's phase 2); 0 = head only
+    finetune_lr: float = 1e-4
+    epochs: int = 12  # most fine-tuning epochs per fold
 
 
 def photographer(row: ManifestRow) -> str:
@@ -134,6 +140,10 @@ def crossval(config: CrossvalConfig, echo: Callable[[str], None] = print) -> dic
          f"normalize {config.normalize}, head {config.head}")
 
     rows, views = _view_features(rows, data_dir, spec, labels, config, echo)
+    top = None
+    if config.unfreeze:  # views holds the frozen bottom's output; the top units pool it into the head's features
+        top = _FineTunableTop(config, views.shape[2:])
+        maps, views = views, top.pooled(views)
     index = {label: i for i, label in enumerate(labels)}
     truth_index = np.array([index[r.label] for r in rows], dtype=np.int32)
 
@@ -141,7 +151,8 @@ def crossval(config: CrossvalConfig, echo: Callable[[str], None] = print) -> dic
     for repeat in range(config.repeats):
         keras.utils.set_random_seed(config.seed + repeat)
         fold_of = assign_folds(photos, config.folds, config.seed + repeat)
-        passes.append(_one_pass(rows, views, truth_index, labels, fold_of, config, repeat, echo))
+        passes.append(_one_pass(rows, views, truth_index, labels, fold_of, config, repeat, echo,
+                                top and (top, maps)))
     # every photograph's answer in every repeat, so two recipes can be compared photo by photo (crossval_compare.py)
     by_file = {r.file: r for r in rows}
     files = passes[0].pop("scored_files")
@@ -166,8 +177,13 @@ def crossval(config: CrossvalConfig, echo: Callable[[str], None] = print) -> dic
     return record
 
 
-def _one_pass(rows, views, truth_index, labels, fold_of, config: CrossvalConfig, repeat: int, echo) -> dict:
-    """Every photograph scored once by a head that saw neither its photographer nor its object: pooled scores."""
+def _one_pass(rows, views, truth_index, labels, fold_of, config: CrossvalConfig, repeat: int, echo,
+              finetune: tuple | None = None) -> dict:
+    """Every photograph scored once by a head that saw neither its photographer nor its object: pooled scores.
+
+    finetune: (_FineTunableTop, the bottom's output per view) when --unfreeze > 0; the head is then
+    fine-tuned with the top units on each fold, and scores come from that model.
+    """
     import keras
 
     from nebula.train.dataset import class_weights, training_pipeline
@@ -201,9 +217,14 @@ def _one_pass(rows, views, truth_index, labels, fold_of, config: CrossvalConfig,
                                     training_pipeline(x, y, weights, config.batch_size, config.seed + repeat + k),
                                     views[val_idx, 0], truth_index[val_idx], labels, config.head_epochs, config.patience,
                                     config.batch_size, lambda line: None, [])
-        val_probs = head.predict(views[val_idx, 0], batch_size=config.batch_size, verbose=0)
+        model, inputs = head, views
+        if finetune:
+            top, maps = finetune
+            model = top.fine_tune(classifier, maps, fit_idx, val_idx, y, weights, truth_index, labels, repeat + k)
+            inputs = maps
+        val_probs = model.predict(inputs[val_idx, 0], batch_size=config.batch_size, verbose=0)
         temperature = calibrate.fit_temperature(val_probs, truth_index[val_idx])
-        probs = head.predict(views[test_idx, 0], batch_size=config.batch_size, verbose=0)
+        probs = model.predict(inputs[test_idx, 0], batch_size=config.batch_size, verbose=0)
         oof[test_idx] = probs
         oof_calibrated[test_idx] = calibrate.scale(probs, temperature)
         fold_truth = [labels[i] for i in truth_index[test_idx]]
@@ -232,6 +253,68 @@ def _one_pass(rows, views, truth_index, labels, fold_of, config: CrossvalConfig,
     }
 
 
+class _FineTunableTop:
+    """The backbone's top `unfreeze` units, reset to the same (int8-snapped ImageNet) weights before every fold."""
+
+    def __init__(self, config: CrossvalConfig, map_shape: tuple):
+        import keras
+
+        from nebula.train import backbones, int8_grid
+        from nebula.train.fit import _chain
+
+        self.config = config
+        self.backbone = backbones.create(config.backbone, config.weights)
+        if config.snap_weights:
+            int8_grid.snap(self.backbone)
+        self.cut = bottom_cut(self.backbone, config.unfreeze)
+        self.layers = self.backbone.layers[self.cut:]
+        self.initial = [layer.get_weights() for layer in self.layers]
+        self.backbone.trainable = False
+        self.frozen = _chain(self.layers, keras.Input(map_shape), "top")
+
+    def pooled(self, maps: np.ndarray) -> np.ndarray:
+        """(N, views, H, W, C) bottom output -> (N, views, D) features through the untouched top."""
+        flat = maps.reshape(-1, *maps.shape[2:])
+        return self.frozen.predict(flat, batch_size=self.config.batch_size, verbose=0).reshape(*maps.shape[:2], -1)
+
+    def fine_tune(self, classifier, maps, fit_idx, val_idx, y, weights, truth_index, labels, seed_offset: int):
+        """Top units + the fitted head, trained on the fold's training views as fit.py's phase 2; returns the model."""
+        import keras
+
+        from nebula.train import backbones, int8_grid
+        from nebula.train.dataset import training_pipeline
+        from nebula.train.fit import _macro_f1_and_accuracy, fit_with_early_stopping
+
+        c = self.config
+        for layer, weights_before in zip(self.layers, self.initial):
+            layer.set_weights(weights_before)
+        backbones.unfreeze_top(self.backbone, c.unfreeze)
+        inputs = keras.Input(maps.shape[2:])
+        model = keras.Model(inputs, classifier(keras.layers.Dropout(c.dropout)(self.frozen(inputs))))
+        model.compile(optimizer=keras.optimizers.Adam(c.finetune_lr), loss="sparse_categorical_crossentropy")
+        val_maps, val_truth = maps[val_idx, 0], truth_index[val_idx]
+        start = _macro_f1_and_accuracy(model.predict(val_maps, batch_size=c.batch_size, verbose=0), val_truth, labels)
+        fit_with_early_stopping("fine-tune", model,
+                                training_pipeline(maps[fit_idx].reshape(-1, *maps.shape[2:]), y, weights, c.batch_size,
+                                                  c.seed + seed_offset + 1),
+                                val_maps, val_truth, labels, c.epochs, c.patience, c.batch_size, lambda line: None, [],
+                                best=(*start, model.get_weights()))
+        self.backbone.trainable = False
+        if c.snap_weights:  # as nebula train: the fine-tuned units go back onto the int8 grid
+            int8_grid.snap(self.backbone)
+        return model
+
+
+def bottom_cut(backbone, unfreeze: int) -> int:
+    """How many of the backbone's layers stay frozen below the top `unfreeze` units (the pool layer is not a unit)."""
+    from nebula.train import backbones
+
+    units = len(backbones.trainable_units(backbone))
+    if unfreeze > units:
+        raise CrossvalError(f"--unfreeze {unfreeze}: backbone {backbone.name} has only {units} units")
+    return len(backbone.layers) - 1 - unfreeze if unfreeze else len(backbone.layers)
+
+
 def _spread(passes: list[dict], labels: list[str]) -> dict:
     """Mean and standard deviation over repeats (other fold deals, other head seeds): how much of a difference is noise."""
     def stats(values):
@@ -250,6 +333,8 @@ def _spread(passes: list[dict], labels: list[str]) -> dict:
 def _view_features(rows, data_dir: Path, spec, labels, config: CrossvalConfig, echo):
     """(readable rows, (N, views, D) pooled features): computed once per image and recipe, then read from a cache.
 
+    With --unfreeze N the cache holds the output of the layers below the top N units, (N, views, H, W, C).
+
     The cache (~/.cache/nebula-classifier/features/) is keyed by everything that changes a feature -- backbone,
     weights, int8 rounding, preprocessing, augmentation recipe, seed, views, and the source of the code that makes
     the views and the features -- and each image by its path, size and modification time, so comparing recipes
@@ -258,15 +343,17 @@ def _view_features(rows, data_dir: Path, spec, labels, config: CrossvalConfig, e
     import os
     import zipfile
 
+    import keras
+
     from nebula.device import decode, preprocess
     from nebula.train import augment as augmentation, backbones, dataset, efficientnet_lite, int8_grid, unit_chain
     from nebula.train.dataset import augmented_views, decode_rows
-    from nebula.train.fit import predict_with_progress
+    from nebula.train.fit import _chain, predict_with_progress
 
     code = hashlib.sha1(b"".join(Path(m.__file__).read_bytes() for m in (
         augmentation, backbones, dataset, efficientnet_lite, int8_grid, unit_chain, decode, preprocess))).hexdigest()
     recipe = json.dumps([config.backbone, config.weights, config.snap_weights, spec.to_dict(), config.augment,
-                         config.seed, config.views, code], sort_keys=True)
+                         config.seed, config.views, code] + ([config.unfreeze] if config.unfreeze else []), sort_keys=True)
     cache_path = FEATURE_CACHE / f"{hashlib.sha1(recipe.encode()).hexdigest()[:16]}.npz"
     try:
         cached = dict(np.load(cache_path)) if cache_path.exists() else {}
@@ -290,10 +377,14 @@ def _view_features(rows, data_dir: Path, spec, labels, config: CrossvalConfig, e
         if config.snap_weights:
             int8_grid.snap(backbone)
         backbone.trainable = False
+        if config.unfreeze:  # the frozen bottom's output; the top units are run per fold
+            cut = bottom_cut(backbone, config.unfreeze)
+            backbone = _chain(backbone.layers[:cut], keras.Input((spec.input_size, spec.input_size, 3)), "bottom")
         features = predict_with_progress(
             backbone, augmented_views(decoded, spec, config.views, config.seed, config.batch_size,
                                       augmentation.RECIPES[config.augment]),
-            len(decoded) * config.views, config.batch_size, "views").reshape(len(decoded), config.views, -1)
+            len(decoded) * config.views, config.batch_size, "views")
+        features = features.reshape(len(decoded), config.views, *features.shape[1:])
         fresh = {image_key(r): f for r, f in zip(decoded.rows, features)}
         cached.update(fresh)
         FEATURE_CACHE.mkdir(parents=True, exist_ok=True)
