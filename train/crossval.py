@@ -260,7 +260,7 @@ class _FineTunableTop:
         import keras
 
         from nebula.train import backbones, int8_grid
-        from nebula.train.fit import _chain
+        from nebula.train.fit import chain
 
         self.config = config
         self.backbone = backbones.create(config.backbone, config.weights)
@@ -270,7 +270,7 @@ class _FineTunableTop:
         self.layers = self.backbone.layers[self.cut:]
         self.initial = [layer.get_weights() for layer in self.layers]
         self.backbone.trainable = False
-        self.frozen = _chain(self.layers, keras.Input(map_shape), "top")
+        self.frozen = chain(self.layers, keras.Input(map_shape), "top")
 
     def pooled(self, maps: np.ndarray) -> np.ndarray:
         """(N, views, H, W, C) bottom output -> (N, views, D) features through the untouched top."""
@@ -283,7 +283,7 @@ class _FineTunableTop:
 
         from nebula.train import backbones, int8_grid
         from nebula.train.dataset import training_pipeline
-        from nebula.train.fit import _macro_f1_and_accuracy, fit_with_early_stopping
+        from nebula.train.fit import fit_with_early_stopping, macro_f1_and_accuracy
 
         c = self.config
         for layer, weights_before in zip(self.layers, self.initial):
@@ -293,7 +293,7 @@ class _FineTunableTop:
         model = keras.Model(inputs, classifier(keras.layers.Dropout(c.dropout)(self.frozen(inputs))))
         model.compile(optimizer=keras.optimizers.Adam(c.finetune_lr), loss="sparse_categorical_crossentropy")
         val_maps, val_truth = maps[val_idx, 0], truth_index[val_idx]
-        start = _macro_f1_and_accuracy(model.predict(val_maps, batch_size=c.batch_size, verbose=0), val_truth, labels)
+        start = macro_f1_and_accuracy(model.predict(val_maps, batch_size=c.batch_size, verbose=0), val_truth, labels)
         fit_with_early_stopping("fine-tune", model,
                                 training_pipeline(maps[fit_idx].reshape(-1, *maps.shape[2:]), y, weights, c.batch_size,
                                                   c.seed + seed_offset + 1),
@@ -306,13 +306,12 @@ class _FineTunableTop:
 
 
 def bottom_cut(backbone, unfreeze: int) -> int:
-    """How many of the backbone's layers stay frozen below the top `unfreeze` units (the pool layer is not a unit)."""
-    from nebula.train import backbones
+    from nebula.train.fit import frozen_cut
 
-    units = len(backbones.trainable_units(backbone))
-    if unfreeze > units:
-        raise CrossvalError(f"--unfreeze {unfreeze}: backbone {backbone.name} has only {units} units")
-    return len(backbone.layers) - 1 - unfreeze if unfreeze else len(backbone.layers)
+    try:
+        return frozen_cut(backbone, unfreeze)
+    except ValueError as err:
+        raise CrossvalError(str(err)) from None
 
 
 def _spread(passes: list[dict], labels: list[str]) -> dict:
@@ -348,7 +347,7 @@ def _view_features(rows, data_dir: Path, spec, labels, config: CrossvalConfig, e
     from nebula.device import decode, preprocess
     from nebula.train import augment as augmentation, backbones, dataset, efficientnet_lite, int8_grid, unit_chain
     from nebula.train.dataset import augmented_views, decode_rows
-    from nebula.train.fit import _chain, predict_with_progress
+    from nebula.train.fit import chain, predict_with_progress
 
     code = hashlib.sha1(b"".join(Path(m.__file__).read_bytes() for m in (
         augmentation, backbones, dataset, efficientnet_lite, int8_grid, unit_chain, decode, preprocess))).hexdigest()
@@ -379,7 +378,7 @@ def _view_features(rows, data_dir: Path, spec, labels, config: CrossvalConfig, e
         backbone.trainable = False
         if config.unfreeze:  # the frozen bottom's output; the top units are run per fold
             cut = bottom_cut(backbone, config.unfreeze)
-            backbone = _chain(backbone.layers[:cut], keras.Input((spec.input_size, spec.input_size, 3)), "bottom")
+            backbone = chain(backbone.layers[:cut], keras.Input((spec.input_size, spec.input_size, 3)), "bottom")
         features = predict_with_progress(
             backbone, augmented_views(decoded, spec, config.views, config.seed, config.batch_size,
                                       augmentation.RECIPES[config.augment]),

@@ -177,7 +177,7 @@ def make_deterministic(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
-def _macro_f1_and_accuracy(probs: np.ndarray, truth: np.ndarray, labels: list[str]) -> tuple[float, float]:
+def macro_f1_and_accuracy(probs: np.ndarray, truth: np.ndarray, labels: list[str]) -> tuple[float, float]:
     s = score([labels[i] for i in truth], [labels[i] for i in probs.argmax(1)], labels)
     return s["macro_f1"], s["accuracy"]
 
@@ -205,7 +205,7 @@ def fit_with_early_stopping(name, model, train_data, val_inputs, val_truth, labe
         """
         nonlocal best_f1, best_acc, best_weights, since_best
         probs = model.predict(val_inputs, batch_size=batch_size, verbose=0)
-        f1, acc = _macro_f1_and_accuracy(probs, val_truth, labels)
+        f1, acc = macro_f1_and_accuracy(probs, val_truth, labels)
         improved = f1 > best_f1 + 1e-6
         if improved:
             best_f1, best_acc, best_weights = f1, acc, model.get_weights()
@@ -312,10 +312,10 @@ def _train(config: TrainConfig, strategy, out: Path, echo: Callable[[str], None]
             raise TrainingError(f"--unfreeze {config.unfreeze}: backbone {config.backbone} has only {n_units} units")
         backbone.trainable = False
         # layers[:cut] are frozen and their output cached; head-only caches the pooled features.
-        cut = len(backbone.layers) - 1 - config.unfreeze if config.unfreeze else len(backbone.layers)
-        bottom = _chain(backbone.layers[:cut], keras.Input((spec.input_size, spec.input_size, 3)), "bottom")
+        cut = frozen_cut(backbone, config.unfreeze)
+        bottom = chain(backbone.layers[:cut], keras.Input((spec.input_size, spec.input_size, 3)), "bottom")
         if config.unfreeze:
-            top_frozen = _chain(backbone.layers[cut:], keras.Input(tuple(bottom.outputs[0].shape[1:])), "top")
+            top_frozen = chain(backbone.layers[cut:], keras.Input(tuple(bottom.outputs[0].shape[1:])), "top")
         dropout = keras.layers.Dropout(config.dropout, name="head_dropout")
         classifier = keras.layers.Dense(len(labels), activation="softmax", name="classifier")
         if config.init_from:
@@ -346,7 +346,7 @@ def _train(config: TrainConfig, strategy, out: Path, echo: Callable[[str], None]
     if config.head == "logistic":
         with strategy.scope():
             classifier.set_weights(list(linear_head.fit(features_train, y_train, weights, len(labels), config.head_l2)))
-        best = _macro_f1_and_accuracy(head.predict(features_val, batch_size=config.batch_size, verbose=0),
+        best = macro_f1_and_accuracy(head.predict(features_val, batch_size=config.batch_size, verbose=0),
                                       val_images.labels, labels)
         train_probs = head.predict(features_train, batch_size=config.batch_size, verbose=0)
         train_loss = float((weights * -np.log(train_probs[np.arange(len(y_train)), y_train] + 1e-12)).mean())
@@ -379,7 +379,7 @@ def _train(config: TrainConfig, strategy, out: Path, echo: Callable[[str], None]
         validation["phase2"] = {"macro_f1": best[0], "accuracy": best[1]}
         if config.snap_weights:  # fine-tuning moved the top units off the grid; round them back and score again
             int8_grid.snap(backbone)
-            best = _macro_f1_and_accuracy(top.predict(cached_val, batch_size=config.batch_size, verbose=0),
+            best = macro_f1_and_accuracy(top.predict(cached_val, batch_size=config.batch_size, verbose=0),
                                           val_images.labels, labels)
             validation["phase2_snapped"] = {"macro_f1": best[0], "accuracy": best[1]}
             echo(f"fine-tuned units rounded to the int8 grid: val acc {best[1]:.3f}  val macro-F1 {best[0]:.3f}")
@@ -456,7 +456,17 @@ def _config_record(config, data_dir, out, labels, spec, splits, skipped, extra) 
     }
 
 
-def _chain(layers, inputs, name):
+def frozen_cut(backbone, unfreeze: int) -> int:
+    """How many of backbone.layers stay frozen below the top `unfreeze` units: layers[:cut] are run once and cached."""
+    from nebula.train import backbones
+
+    units = len(backbones.trainable_units(backbone))
+    if unfreeze > units:
+        raise ValueError(f"--unfreeze {unfreeze}: backbone {backbone.name} has only {units} units")
+    return len(backbone.layers) - 1 - unfreeze if unfreeze else len(backbone.layers)  # - 1: the pool layer above the units
+
+
+def chain(layers, inputs, name):
     """A functional model that runs `layers` in order (units of the backbone, shared, not copied)."""
     import keras
 
