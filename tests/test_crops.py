@@ -310,6 +310,7 @@ def test_crossval_unfreeze_scores_every_photo_once(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "cv" / "crossval.json").read_text())
     assert record["config"]["unfreeze"] == 1 and record["config"]["epochs"] == 2
+    assert "top 1 backbone unit fine-tuned per fold" in result.output
     assert record["photographs"] == len(rows) and sum(f["test_images"] for f in record["folds"]) == len(rows)
     too_deep = CliRunner().invoke(cli, ["crossval", "--data", str(data), "--out", str(tmp_path / "cv2"), "--backbone", "tiny",
                                         "--folds", "3", "--unfreeze", "9"])

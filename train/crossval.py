@@ -137,7 +137,8 @@ def crossval(config: CrossvalConfig, echo: Callable[[str], None] = print) -> dic
     photos = [r for r in rows if r.origin != "crop"]
     echo(f"{len(photos)} photographs by {len({photographer(r) for r in photos})} photographers in {config.folds} folds, "
          f"{len(rows) - len(photos)} crops (train only); backbone {config.backbone}, augment {config.augment}, "
-         f"normalize {config.normalize}, head {config.head}")
+         f"normalize {config.normalize}, head {config.head}"
+         + (f", top {config.unfreeze} units fine-tuned per fold" if config.unfreeze else ", head only"))
 
     rows, views = _view_features(rows, data_dir, spec, labels, config, echo)
     top = None
@@ -396,6 +397,11 @@ def _view_features(rows, data_dir: Path, spec, labels, config: CrossvalConfig, e
     return rows, np.stack([cached[k] for k in keys])
 
 
+def _tuned(unfreeze: int) -> str:
+    units = f"{unfreeze} backbone unit{'s' if unfreeze > 1 else ''}"
+    return f"top {units} fine-tuned per fold" if unfreeze else "head only (frozen backbone)"
+
+
 def summary(record: dict) -> str:
     c = record["calibration"]
     spread = record["repeats"]
@@ -407,7 +413,8 @@ def summary(record: dict) -> str:
     dve = record["dark_vs_emission"]
     dve_text = f"{dve['accuracy']:.3f} on {dve['images']} photos" if dve["accuracy"] is not None else "n/a"
     return (f"Leave-photographers-out: {record['photographs']} photographs by {record['photographers']} photographers, "
-            f"{record['config']['folds']} folds, {record['crops_used']} crops in training\n"
+            f"{record['config']['folds']} folds, {record['crops_used']} crops in training, "
+            f"{_tuned(record['config'].get('unfreeze', 0))}\n"
             f"{format_scores(record)}\n"
             f"dark-vs-emission accuracy {dve_text}\n"
             f"expected calibration error {c['ece_before']:.3f} -> {c['ece_after']:.3f} with a temperature per fold; "
