@@ -137,8 +137,7 @@ def crossval(config: CrossvalConfig, echo: Callable[[str], None] = print) -> dic
     photos = [r for r in rows if r.origin != "crop"]
     echo(f"{len(photos)} photographs by {len({photographer(r) for r in photos})} photographers in {config.folds} folds, "
          f"{len(rows) - len(photos)} crops (train only); backbone {config.backbone}, augment {config.augment}, "
-         f"normalize {config.normalize}, head {config.head}"
-         + (f", top {config.unfreeze} units fine-tuned per fold" if config.unfreeze else ", head only"))
+         f"normalize {config.normalize}, head {config.head}, {_tuned(config.unfreeze)}")
 
     rows, views = _view_features(rows, data_dir, spec, labels, config, echo)
     top = None
