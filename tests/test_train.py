@@ -187,6 +187,14 @@ def test_bad_data_is_one_clear_line(tmp_path):
     assert result.exit_code == 1 and "model.keras: no such model file" in result.output
 
 
+def test_unfreeze_beyond_the_backbone_is_one_clear_line(tmp_path):
+    data = write_sky_folder(tmp_path / "sky", per_label=8, size=48)
+    result = CliRunner().invoke(cli, ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--backbone", "tiny",
+                                      "--unfreeze", "9"])
+    assert result.exit_code == 1 and "--unfreeze 9: backbone tiny has only 4 units" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_score_by_hand():
     s = score(["a", "a", "b", "b", "c"], ["a", "b", "b", "b", "a"], ["a", "b", "c", "d"])
     assert s["accuracy"] == pytest.approx(3 / 5)

@@ -266,8 +266,7 @@ class _FineTunableTop:
         self.backbone = backbones.create(config.backbone, config.weights)
         if config.snap_weights:
             int8_grid.snap(self.backbone)
-        self.cut = bottom_cut(self.backbone, config.unfreeze)
-        self.layers = self.backbone.layers[self.cut:]
+        self.layers = self.backbone.layers[bottom_cut(self.backbone, config.unfreeze):]
         self.initial = [layer.get_weights() for layer in self.layers]
         self.backbone.trainable = False
         self.frozen = chain(self.layers, keras.Input(map_shape), "top")
@@ -306,6 +305,7 @@ class _FineTunableTop:
 
 
 def bottom_cut(backbone, unfreeze: int) -> int:
+    """fit.frozen_cut, its error as crossval's one-line error."""
     from nebula.train.fit import frozen_cut
 
     try:

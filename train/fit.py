@@ -307,12 +307,12 @@ def _train(config: TrainConfig, strategy, out: Path, echo: Callable[[str], None]
         snapped = int8_grid.snap(backbone) if config.snap_weights else 0
         if snapped:
             echo(f"rounded {snapped} backbone kernels onto the int8 grid the converter will use (--no-snap-weights: keep them exact)")
-        n_units = len(backbones.trainable_units(backbone))
-        if config.unfreeze > n_units:
-            raise TrainingError(f"--unfreeze {config.unfreeze}: backbone {config.backbone} has only {n_units} units")
-        backbone.trainable = False
         # layers[:cut] are frozen and their output cached; head-only caches the pooled features.
-        cut = frozen_cut(backbone, config.unfreeze)
+        try:
+            cut = frozen_cut(backbone, config.unfreeze)
+        except ValueError as err:  # --unfreeze beyond the backbone's units
+            raise TrainingError(str(err)) from None
+        backbone.trainable = False
         bottom = chain(backbone.layers[:cut], keras.Input((spec.input_size, spec.input_size, 3)), "bottom")
         if config.unfreeze:
             top_frozen = chain(backbone.layers[cut:], keras.Input(tuple(bottom.outputs[0].shape[1:])), "top")
@@ -347,7 +347,7 @@ def _train(config: TrainConfig, strategy, out: Path, echo: Callable[[str], None]
         with strategy.scope():
             classifier.set_weights(list(linear_head.fit(features_train, y_train, weights, len(labels), config.head_l2)))
         best = macro_f1_and_accuracy(head.predict(features_val, batch_size=config.batch_size, verbose=0),
-                                      val_images.labels, labels)
+                                     val_images.labels, labels)
         train_probs = head.predict(features_train, batch_size=config.batch_size, verbose=0)
         train_loss = float((weights * -np.log(train_probs[np.arange(len(y_train)), y_train] + 1e-12)).mean())
         history["phase 1: head"].append({"epoch": 1, "loss": train_loss, "val_accuracy": best[1], "val_macro_f1": best[0]})
@@ -380,7 +380,7 @@ def _train(config: TrainConfig, strategy, out: Path, echo: Callable[[str], None]
         if config.snap_weights:  # fine-tuning moved the top units off the grid; round them back and score again
             int8_grid.snap(backbone)
             best = macro_f1_and_accuracy(top.predict(cached_val, batch_size=config.batch_size, verbose=0),
-                                          val_images.labels, labels)
+                                         val_images.labels, labels)
             validation["phase2_snapped"] = {"macro_f1": best[0], "accuracy": best[1]}
             echo(f"fine-tuned units rounded to the int8 grid: val acc {best[1]:.3f}  val macro-F1 {best[0]:.3f}")
         wall["phase2_s"] = time.perf_counter() - t
