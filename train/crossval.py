@@ -266,7 +266,8 @@ class _FineTunableTop:
         self.backbone = backbones.create(config.backbone, config.weights)
         if config.snap_weights:
             int8_grid.snap(self.backbone)
-        self.layers = self.backbone.layers[bottom_cut(self.backbone, config.unfreeze):]
+        self.cut = bottom_cut(self.backbone, config.unfreeze)
+        self.layers = self.backbone.layers[self.cut:]
         self.initial = [layer.get_weights() for layer in self.layers]
         self.backbone.trainable = False
         self.frozen = chain(self.layers, keras.Input(map_shape), "top")
@@ -277,30 +278,18 @@ class _FineTunableTop:
         return self.frozen.predict(flat, batch_size=self.config.batch_size, verbose=0).reshape(*maps.shape[:2], -1)
 
     def fine_tune(self, classifier, maps, fit_idx, val_idx, y, weights, truth_index, labels, seed_offset: int):
-        """Top units + the fitted head, trained on the fold's training views as fit.py's phase 2; returns the model."""
+        """Top units + the fitted head, trained on the fold's training views by fit.py's phase 2; returns the model."""
         import keras
 
-        from nebula.train import backbones, int8_grid
-        from nebula.train.dataset import training_pipeline
-        from nebula.train.fit import fit_with_early_stopping, macro_f1_and_accuracy
+        from nebula.train.fit import fine_tune_top
 
         c = self.config
         for layer, weights_before in zip(self.layers, self.initial):
             layer.set_weights(weights_before)
-        backbones.unfreeze_top(self.backbone, c.unfreeze)
-        inputs = keras.Input(maps.shape[2:])
-        model = keras.Model(inputs, classifier(keras.layers.Dropout(c.dropout)(self.frozen(inputs))))
-        model.compile(optimizer=keras.optimizers.Adam(c.finetune_lr), loss="sparse_categorical_crossentropy")
-        val_maps, val_truth = maps[val_idx, 0], truth_index[val_idx]
-        start = macro_f1_and_accuracy(model.predict(val_maps, batch_size=c.batch_size, verbose=0), val_truth, labels)
-        fit_with_early_stopping("fine-tune", model,
-                                training_pipeline(maps[fit_idx].reshape(-1, *maps.shape[2:]), y, weights, c.batch_size,
-                                                  c.seed + seed_offset + 1),
-                                val_maps, val_truth, labels, c.epochs, c.patience, c.batch_size, lambda line: None, [],
-                                best=(*start, model.get_weights()))
+        model, _, _ = fine_tune_top(self.backbone, self.cut, keras.layers.Dropout(c.dropout), classifier,
+                                    maps[fit_idx].reshape(-1, *maps.shape[2:]), y, weights, maps[val_idx, 0],
+                                    truth_index[val_idx], labels, c, c.seed + seed_offset + 1, None, lambda line: None, [])
         self.backbone.trainable = False
-        if c.snap_weights:  # as nebula train: the fine-tuned units go back onto the int8 grid
-            int8_grid.snap(self.backbone)
         return model
 
 

@@ -364,25 +364,13 @@ def _train(config: TrainConfig, strategy, out: Path, echo: Callable[[str], None]
     # Phase 2: the top units + head on the cached bottom output.
     if config.unfreeze:
         t = time.perf_counter()
-        with strategy.scope():
-            backbones.unfreeze_top(backbone, config.unfreeze)
-            top_input = keras.Input(cached_train.shape[1:])
-            x = top_input
-            for layer in backbone.layers[cut:]:
-                x = layer(x)
-            top = keras.Model(top_input, classifier(dropout(x)), name="top_and_head")
-            top.compile(optimizer=keras.optimizers.Adam(config.finetune_lr), loss="sparse_categorical_crossentropy")
-        data = training_pipeline(cached_train, y_train, weights, config.batch_size, config.seed + 1)
-        best = fit_with_early_stopping("phase 2 (fine-tune)", top, data, cached_val, val_images.labels, labels, config.epochs,
-                          config.patience, config.batch_size, echo, history["phase 2: fine-tune"],
-                          best=(best[0], best[1], top.get_weights()), strategy=strategy)
-        validation["phase2"] = {"macro_f1": best[0], "accuracy": best[1]}
-        if config.snap_weights:  # fine-tuning moved the top units off the grid; round them back and score again
-            int8_grid.snap(backbone)
-            best = macro_f1_and_accuracy(top.predict(cached_val, batch_size=config.batch_size, verbose=0),
-                                         val_images.labels, labels)
-            validation["phase2_snapped"] = {"macro_f1": best[0], "accuracy": best[1]}
-            echo(f"fine-tuned units rounded to the int8 grid: val acc {best[1]:.3f}  val macro-F1 {best[0]:.3f}")
+        top, phase2, phase2_snapped = fine_tune_top(backbone, cut, dropout, classifier, cached_train, y_train, weights,
+                                                    cached_val, val_images.labels, labels, config, config.seed + 1, best,
+                                                    echo, history["phase 2: fine-tune"], strategy)
+        validation["phase2"] = {"macro_f1": phase2[0], "accuracy": phase2[1]}
+        best = phase2_snapped or phase2
+        if phase2_snapped:
+            validation["phase2_snapped"] = {"macro_f1": phase2_snapped[0], "accuracy": phase2_snapped[1]}
         wall["phase2_s"] = time.perf_counter() - t
     validation["final"] = {"macro_f1": best[0], "accuracy": best[1]}
 
@@ -454,6 +442,45 @@ def _config_record(config, data_dir, out, labels, spec, splits, skipped, extra) 
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__, "python": sys.version.split()[0]},
         "cpu_count": os.cpu_count(),
     }
+
+
+def fine_tune_top(backbone, cut: int, dropout, classifier, cached_train, y_train, weights, cached_val, val_truth, labels,
+                  config, seed: int, start: tuple[float, float] | None, echo, history: list, strategy=None):
+    """Phase 2: the backbone's units above `cut` and the head, trained together on the frozen bottom's cached output.
+
+    `start` is the head's validation (macro-F1, accuracy), scored here when None: the phase keeps
+    its best epoch only if it beats that. `config` (a TrainConfig or a CrossvalConfig) gives
+    unfreeze, finetune_lr, epochs, patience, batch_size and snap_weights; with snap_weights the
+    tuned units are rounded back onto the int8 grid and validation is scored again.
+    Returns (the model: cached bottom output -> probabilities, its best validation score, the score
+    after snapping or None). `nebula train` and `nebula crossval --unfreeze` both train through here.
+    """
+    import contextlib
+
+    import keras
+
+    from nebula.train import backbones, int8_grid
+
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        backbones.unfreeze_top(backbone, config.unfreeze)
+        top_input = keras.Input(cached_train.shape[1:])
+        x = top_input
+        for layer in backbone.layers[cut:]:
+            x = layer(x)
+        top = keras.Model(top_input, classifier(dropout(x)), name="top_and_head")
+        top.compile(optimizer=keras.optimizers.Adam(config.finetune_lr), loss="sparse_categorical_crossentropy")
+    if start is None:
+        start = macro_f1_and_accuracy(top.predict(cached_val, batch_size=config.batch_size, verbose=0), val_truth, labels)
+    data = training_pipeline(cached_train, y_train, weights, config.batch_size, seed)
+    best = fit_with_early_stopping("phase 2 (fine-tune)", top, data, cached_val, val_truth, labels, config.epochs,
+                                   config.patience, config.batch_size, echo, history,
+                                   best=(start[0], start[1], top.get_weights()), strategy=strategy)
+    snapped = None
+    if config.snap_weights:  # fine-tuning moved the top units off the grid; round them back and score again
+        int8_grid.snap(backbone)
+        snapped = macro_f1_and_accuracy(top.predict(cached_val, batch_size=config.batch_size, verbose=0), val_truth, labels)
+        echo(f"fine-tuned units rounded to the int8 grid: val acc {snapped[1]:.3f}  val macro-F1 {snapped[0]:.3f}")
+    return top, best, snapped
 
 
 def frozen_cut(backbone, unfreeze: int) -> int:
