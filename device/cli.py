@@ -174,7 +174,7 @@ def bench(model, images, size, threads, json_out, catalog_file):
     same input, repeated); and the ratios files / bare and camera / bare. Peak RSS
     comes from fresh processes with TensorFlow blocked (the device path only): one
     JPEG, with the resident size after each step; the `nebula classify` command;
-    one FITS frame (the only input that imports astropy); with --catalog-file, a
+    one FITS frame (read with numpy alone; astropy only for .fz); with --catalog-file, a
     FITS capture without and with --catalog.
 
     \b

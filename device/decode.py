@@ -20,7 +20,7 @@ the cause; calibration frames are a `SkippedImage`, not an error.
   so 16-bit RGB(A) PNGs and TIFFs (any compression PIL reads) are decoded twice, the
   second time with the byte order swapped, which yields the low bytes: all 16 bits
   reach the stretch, and PIL's own decoders do the work.
-- FITS: `nebula.device.fits` (astropy, imported only for FITS inputs).
+- FITS: `nebula.device.fits` (numpy; astropy is imported only for tile-compressed `.fz`).
 
 Every input is under one pixel limit, PIL's ``Image.MAX_IMAGE_PIXELS``: PIL
 formats by PIL's own check, FITS by the size its header declares, before any
@@ -154,7 +154,7 @@ def load_image(path: str | Path, spec: PreprocessSpec | None = None) -> np.ndarr
 
 
 def _load_fits(file, path: Path, spec: PreprocessSpec | None) -> np.ndarray:
-    # astropy reads the open file (it recognises gzip by content): no second open by name
+    # read from the open file (gzip recognised by content): no second open by name
     try:
         return fits.read_fits(file, spec.content_size if spec else None, max_pixels=pixel_limit())
     except fits.CalibrationFrame as reason:
@@ -164,7 +164,7 @@ def _load_fits(file, path: Path, spec: PreprocessSpec | None) -> np.ndarray:
     except fits.FitsError as cause:
         raise ImageError(path, str(cause)) from None
     except ImportError:
-        raise ImageError(path, "reading FITS needs astropy: pip install 'nebula-classifier[device]'") from None
+        raise ImageError(path, "reading tile-compressed FITS needs astropy: pip install 'nebula-classifier[device]'") from None
 
 
 def _load_with_pil(file, path: Path, spec: PreprocessSpec | None) -> np.ndarray:

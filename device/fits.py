@@ -38,6 +38,14 @@ model sees 224 pixels, and a camera frame is binned far below that anyway.
 shifted by ``XBAYROFF``/``YBAYROFF`` when present; the FITS bottom-up row order
 is not flipped, since a nebula's type does not depend on which way up it is.
 
+**Reading without astropy.** The headers are parsed in pure Python (the cards reader
+of `nebula.device.position`) and the stored values read in order from the stream
+(plain or gzipped) with numpy: BITPIX, BSCALE/BZERO (the unsigned conventions give
+unsigned integers, as astropy gives them), BLANK. Importing astropy costs a Pi about
+24 MB, so only a tile-compressed ``.fz`` image, whose tiles need its decompressors,
+goes through astropy; `tests/test_decode.py` checks that both readers give the same
+picture for every way of storing pixels.
+
 Large frames are binned (block mean) to about twice the model's content size
 as they are read, a strip of rows at a time: a 9576x6388 16-bit frame never
 exists in memory at full size, binning averages noise and dilutes hot pixels.
@@ -46,10 +54,15 @@ A frame over the pixel limit is refused from its header alone.
 
 from __future__ import annotations
 
+import os
 import warnings
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
+
+from nebula.device.position import data_bytes, padded, parse_header_cards, read_header_blocks
 
 TARGET_BACKGROUND = 0.15  # darker than PixInsight's 0.25: the training pictures have a dark sky
 SHADOWS_CLIP_MADS = -2.8  # PixInsight's STF default
@@ -76,19 +89,169 @@ def read_fits(source, content_size=None, max_pixels: int | None = None) -> np.nd
 
     Everything is decided from the header before any pixel is read: the shape, the
     pixel limit (`max_pixels`, of the stored width x height; also for tile-compressed
-    ``.fz``, whose header astropy presents with the image's size) and whether the file
-    holds the data its header declares. `content_size(width, height) -> (w, h)`, when
-    given, lets a large frame be binned to about twice the size the model needs as it
-    is read, a strip of rows at a time, so memory stays near the binned size whatever
-    the frame's.
+    ``.fz``, whose header declares the image's size) and the stored format.
+    `content_size(width, height) -> (w, h)`, when given, lets a large frame be binned
+    to about twice the size the model needs as it is read, a strip of rows at a time,
+    so memory stays near the binned size whatever the frame's. A file that holds less
+    than its header declares (data and padding) is a `TruncatedFits`.
+
+    Plain and gzipped images are read with numpy alone, straight from the stream:
+    importing astropy costs the Pi about 24 MB, so only a tile-compressed image
+    (``.fz``, whose tiles need its decompressors) is handed to astropy.
     """
-    from astropy.io import fits  # imported here: only FITS inputs pay for astropy
+    with _stream(source) as (stream, raw):
+        header = _first_image_header(stream)
+        if header.get("ZIMAGE") is True:
+            raw.seek(0)
+            return _read_with_astropy(raw, content_size, max_pixels)
+        _refuse_calibration(header)
+        try:
+            layout = _Layout.of(header)
+            pixels = _StoredPixels(stream, header)
+        except (ValueError, TypeError) as err:
+            raise FitsError(f"not a readable FITS file ({_first_line(err)})") from None
+        _check_pixels(layout, max_pixels)
+        factor = _bin_factor(layout.width, layout.height, content_size) if content_size else 1
+        planes = _read_planes(pixels, layout, factor)
+        pixels.finish()
+    return to_display(planes, pixels.full_scale())
+
+
+@contextmanager
+def _stream(source):
+    """(the FITS bytes as a stream, the file under it): the file (opened here when given a path), through gzip
+    when gzipped; the file under it is what astropy reads (it recognises gzip itself)."""
+    import gzip
+
+    opened = open(source, "rb") if isinstance(source, (str, os.PathLike)) else None
+    raw = opened or source
+    try:
+        gzipped = raw.read(2) == b"\x1f\x8b"
+        raw.seek(0)
+        stream = gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else raw
+        try:
+            yield stream, raw
+        except EOFError:  # a gzip stream cut short
+            raise TruncatedFits("truncated FITS file (the gzip stream ends early)") from None
+        except (gzip.BadGzipFile, zlib.error) as err:
+            raise FitsError(f"not a readable FITS file ({_first_line(err)})") from None
+    finally:
+        if opened:
+            opened.close()
+
+
+def _first_image_header(stream) -> dict:
+    """The header of the first HDU holding an image of two or more axes; the stream is left at its data.
+
+    A tile-compressed image is a binary table whose header says ZIMAGE = T; it counts as an image.
+    """
+    first = True
+    while True:
+        try:
+            blocks = read_header_blocks(stream)
+        except EOFError:
+            raise TruncatedFits("truncated FITS file (it ends inside a header)") from None
+        except ValueError as err:
+            raise FitsError(f"not a readable FITS file ({err})") from None
+        if blocks is None:
+            raise FitsError("not a readable FITS file (empty)" if first else "no image HDU (only tables or empty headers)")
+        if first and not blocks.startswith(b"SIMPLE  ="):
+            raise FitsError("not a readable FITS file (no SIMPLE card)")
+        header = parse_header_cards(blocks)
+        try:
+            if _is_image(header, first):
+                return header
+            _skip(stream, padded(data_bytes(header)))
+        except (ValueError, TypeError) as err:
+            raise FitsError(f"not a readable FITS file ({_first_line(err)})") from None
+        first = False
+
+
+def _is_image(header: dict, primary: bool) -> bool:
+    if header.get("ZIMAGE") is True:
+        return True
+    if (not primary and str(header.get("XTENSION", "")).strip() != "IMAGE") or header.get("GROUPS") is True:
+        return False
+    naxis = int(header.get("NAXIS") or 0)
+    return naxis >= 2 and all(int(header.get(f"NAXIS{i}") or 0) > 0 for i in range(1, naxis + 1))
+
+
+def _skip(stream, size: int) -> None:
+    """Past `size` bytes of a stream (read in 1 MB pieces: a gzip stream cannot seek cheaply)."""
+    while size > 0:
+        got = len(stream.read(min(size, 2**20)))
+        if got == 0:
+            raise TruncatedFits("truncated FITS file (shorter than its header declares)")
+        size -= got
+
+
+_STORED_TYPES = {8: ">u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
+
+
+class _StoredPixels:
+    """An image HDU's values, read from the stream in stored order and turned into physical values.
+
+    BSCALE/BZERO apply as FITS says; the usual unsigned conventions (BITPIX 16 with BZERO 32768,
+    and their 8/32/64-bit kin) give unsigned integers, as astropy does, so 16-bit camera data keeps
+    its format's full scale (65535). BLANK marks missing values of scaled integer data (NaN).
+    """
+
+    def __init__(self, stream, header: dict):
+        bitpix = int(header["BITPIX"])
+        if bitpix not in _STORED_TYPES:
+            raise ValueError(f"BITPIX = {bitpix} is not a FITS pixel type")
+        self.stream, self.dtype = stream, np.dtype(_STORED_TYPES[bitpix])
+        self.bscale, self.bzero = float(header.get("BSCALE") or 1.0), float(header.get("BZERO") or 0.0)
+        self.blank = header.get("BLANK") if self.dtype.kind in "ui" else None
+        self.left = self.dtype.itemsize
+        for axis in range(1, int(header["NAXIS"]) + 1):
+            self.left *= int(header[f"NAXIS{axis}"])
+        self.padding = -self.left % 2880
+        self.out_dtype, self.peak = None, -np.inf
+
+    def read(self, count: int) -> np.ndarray:
+        """The next `count` values, physical (unsigned or float32 where scaled, native byte order)."""
+        size = count * self.dtype.itemsize
+        data = self.stream.read(size)
+        if len(data) < size:
+            raise TruncatedFits("truncated FITS file (shorter than its header declares)")
+        self.left -= size
+        values = self._physical(np.frombuffer(data, self.dtype))
+        self.out_dtype, self.peak = values.dtype, max(self.peak, _peak(values))
+        return values
+
+    def _physical(self, raw: np.ndarray) -> np.ndarray:
+        kind, bits = raw.dtype.kind, raw.dtype.itemsize * 8
+        if self.bscale == 1.0 and self.bzero == 0.0:
+            return raw.astype(raw.dtype.newbyteorder("="))
+        if kind == "u" and self.bscale == 1.0 and self.bzero == -128.0:  # signed bytes
+            return (raw ^ np.uint8(0x80)).view(np.int8)
+        if kind == "i" and self.bscale == 1.0 and self.bzero == 2.0 ** (bits - 1):  # unsigned 16/32/64-bit
+            unsigned = raw.view(f">u{bits // 8}").astype(f"u{bits // 8}")
+            return unsigned ^ np.array(1 << (bits - 1), dtype=unsigned.dtype)
+        values = raw.astype(np.float32) * np.float32(self.bscale) + np.float32(self.bzero)
+        if self.blank is not None:
+            values[raw == self.blank] = np.nan
+        return values
+
+    def finish(self) -> None:
+        """Past the rest of the data and its padding: a file cut short anywhere before its end is truncated."""
+        _skip(self.stream, self.left + self.padding)
+        self.left = self.padding = 0
+
+    def full_scale(self) -> float | None:
+        return _full_scale(self.out_dtype, self.peak)
+
+
+def _read_with_astropy(source, content_size, max_pixels: int | None) -> np.ndarray:
+    """A tile-compressed image (.fz), through astropy: the header decides as in read_fits, then the pixels."""
+    from astropy.io import fits  # imported here: only tile-compressed FITS pays for astropy
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             with fits.open(source, memmap=False, lazy_load_hdus=True) as hdus:
-                hdu = _first_image(hdus)
+                hdu = _first_astropy_image(hdus)
                 header = hdu.header
                 _refuse_calibration(header)
                 layout = _Layout.of(header)
@@ -96,7 +259,7 @@ def read_fits(source, content_size=None, max_pixels: int | None = None) -> np.nd
                 if _cut_short(caught):
                     raise TruncatedFits("truncated FITS file (shorter than its header declares)")
                 factor = _bin_factor(layout.width, layout.height, content_size) if content_size else 1
-                planes, full_scale = _read_planes(hdu, layout, factor)
+                planes, full_scale = _read_astropy_planes(hdu, layout, factor)
         except (FitsError, CalibrationFrame):
             raise
         except (OSError, ValueError, TypeError, IndexError, EOFError) as err:
@@ -177,8 +340,33 @@ def _check_pixels(layout: _Layout, max_pixels: int | None) -> None:
                         f"over the limit of {max_pixels / 1e6:.1f} MP (PIL.Image.MAX_IMAGE_PIXELS)")
 
 
-def _read_planes(hdu, layout: _Layout, factor: int) -> tuple[np.ndarray, float | None]:
-    """(C, H, W) float32 planes binned by `factor`, and the stored format's full scale."""
+def _read_planes(pixels: _StoredPixels, layout: _Layout, factor: int) -> np.ndarray:
+    """(C, H, W) float32 planes binned by `factor`, read in stored order: strips of rows (plane by plane
+    for a planes-first cube), each binned before the next is read."""
+    values_per_row = layout.stored_width * (3 if layout.kind == "planes_last" else 1)
+    stored_rows = layout.stored_height
+    if factor == 1:
+        data = pixels.read(int(np.prod(layout.shape))).reshape(layout.shape)
+        return layout.planes(data)
+    rows_per_bin = factor * (2 if layout.kind == "bayer" else 1)  # stored rows per output row
+    out_h, out_w = layout.height // factor, layout.width // factor
+    out = np.empty((1 if layout.kind == "mono" else 3, out_h, out_w), dtype=np.float32)
+    bins_per_read = max(1, _STRIP_BYTES // (rows_per_bin * values_per_row * 4))
+    strip_shape = (-1,) + (layout.shape[1:] if layout.kind != "planes_first" else layout.shape[2:])
+    for plane in range(3) if layout.kind == "planes_first" else [None]:
+        for first in range(0, out_h, bins_per_read):
+            last = min(out_h, first + bins_per_read)
+            strip = pixels.read((last - first) * rows_per_bin * values_per_row).reshape(strip_shape)
+            target = out[:, first:last] if plane is None else out[plane:plane + 1, first:last]
+            planes = layout.planes(strip) if plane is None else strip[None].astype(np.float32)
+            target[:] = _block_mean(planes, factor)[:, :, :out_w]
+        if plane is not None:  # the rows below the last whole bin, before the next plane starts
+            pixels.read((stored_rows - out_h * rows_per_bin) * values_per_row)
+    return out
+
+
+def _read_astropy_planes(hdu, layout: _Layout, factor: int) -> tuple[np.ndarray, float | None]:
+    """(C, H, W) float32 planes binned by `factor`, and the stored format's full scale (astropy's HDU)."""
     if factor == 1:
         data = hdu.data
         if data is None:
@@ -215,7 +403,7 @@ def _full_scale(dtype: np.dtype, peak: float) -> float | None:
     return 1.0 if np.isfinite(peak) and 0 < peak <= 1.0 else None
 
 
-def _first_image(hdus):
+def _first_astropy_image(hdus):
     """The first HDU whose header declares an image of at least two axes (no data is read)."""
     for hdu in hdus:
         header = hdu.header

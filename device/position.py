@@ -376,23 +376,48 @@ def parse_header_cards(data: bytes) -> dict:
     return header
 
 
-def _read_header_blocks(file) -> bytes | None:
+def read_header_blocks(file) -> bytes | None:
+    """The next HDU's header bytes, through the block that holds END; None at a clean end of the file.
+
+    Raises EOFError when the file ends inside a header, ValueError when no END comes in
+    _MAX_HEADER_BLOCKS blocks.
+    """
     chunks = []
     for _ in range(_MAX_HEADER_BLOCKS):
         block = file.read(_BLOCK)
-        if len(block) < _BLOCK:
+        if not block and not chunks:
             return None
+        if len(block) < _BLOCK:
+            raise EOFError("the file ends inside a FITS header")
         chunks.append(block)
         if any(block[i:i + 8] == b"END     " for i in range(0, _BLOCK, _CARD)):
             return b"".join(chunks)
-    return None
+    raise ValueError(f"no END card in {_MAX_HEADER_BLOCKS} header blocks")
+
+
+def data_bytes(header: dict) -> int:
+    """How many bytes of data follow an HDU's header, before the padding to a whole 2880-byte block."""
+    naxis = int(header.get("NAXIS") or 0)
+    cells = 1
+    for axis in range(1, naxis + 1):
+        cells *= int(header.get(f"NAXIS{axis}") or 0)
+    return abs(int(header.get("BITPIX") or 8)) // 8 * int(header.get("GCOUNT") or 1) \
+        * ((cells if naxis else 0) + int(header.get("PCOUNT") or 0))
+
+
+def padded(size: int) -> int:
+    """`size` bytes rounded up to whole FITS blocks."""
+    return -(-size // _BLOCK) * _BLOCK
 
 
 def fits_headers(file) -> Iterator[dict]:
     """Each HDU's header of an open binary FITS file, in order, skipping the data between them."""
     first = True
     while True:
-        data = _read_header_blocks(file)
+        try:
+            data = read_header_blocks(file)
+        except (EOFError, ValueError):
+            data = None
         if data is None:
             if first:
                 raise ValueError("no complete FITS header")
@@ -402,13 +427,7 @@ def fits_headers(file) -> Iterator[dict]:
         first = False
         header = parse_header_cards(data)
         yield header
-        naxis = int(header.get("NAXIS") or 0)
-        cells = 1
-        for axis in range(1, naxis + 1):
-            cells *= int(header.get(f"NAXIS{axis}") or 0)
-        size = abs(int(header.get("BITPIX") or 8)) // 8 * int(header.get("GCOUNT") or 1) \
-            * ((cells if naxis else 0) + int(header.get("PCOUNT") or 0))
-        skip = -(-size // _BLOCK) * _BLOCK
+        skip = padded(data_bytes(header))
         if skip and len(file.read(skip)) < skip:
             return
 

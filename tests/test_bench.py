@@ -40,8 +40,8 @@ def test_tiny_bench_reports_every_stage(tiny_model_file, tmp_path):
     assert steps[:3] == ["Python", "numpy", "Pillow"] and steps[-1] == "one image classified"
     assert sum(step["added_mb"] for step in memory["steps"]) == pytest.approx(memory["steps"][-1]["rss_mb"], abs=0.1 * len(steps))
     assert memory["peak_rss_mb"] >= memory["steps"][-1]["rss_mb"] - 0.1
-    # astropy is imported for FITS only, and then it costs.
-    assert memory["astropy_loaded_for_jpeg"] is False and memory["astropy_loaded_for_fits"] is True
+    # numpy alone reads a plain FITS frame: astropy (about 24 MB of imports) is left for tile-compressed .fz.
+    assert memory["astropy_loaded_for_jpeg"] is False and memory["astropy_loaded_for_fits"] is False
     assert memory["fits_peak_rss_mb"] > memory["peak_rss_mb"] and memory["cli_peak_rss_mb"] > 0
     for words in ("decode", "per image", "camera frame", "bare invoke", "files / bare", "camera / bare", "peak RSS",
                   "model loaded", "nebula classify", "FITS"):
