@@ -126,9 +126,20 @@ def _stream(source):
     opened = open(source, "rb") if isinstance(source, (str, os.PathLike)) else None
     raw = opened or source
     try:
-        gzipped = raw.read(2) == b"\x1f\x8b"
-        raw.seek(0)
-        stream = gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else raw
+        try:
+            gzipped = raw.read(2) == b"\x1f\x8b"
+            raw.seek(0)
+            stream = gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else raw
+            # A FITS file starts with SIMPLE: anything else (an HTML error page saved as .fits) is not one,
+            # whatever its length, rather than a FITS file cut short.
+            starts_right = stream.read(9) == b"SIMPLE  ="
+            stream.seek(0)
+        except OSError as err:  # io.UnsupportedOperation (a pipe) is one too
+            raise FitsError(f"not a readable FITS file ({_first_line(err)})") from None
+        except EOFError:
+            raise TruncatedFits("truncated FITS file (the gzip stream ends early)") from None
+        if not starts_right:
+            raise FitsError("not a readable FITS file (no SIMPLE card at its start)")
         try:
             yield stream, raw
         except EOFError:  # a gzip stream cut short
@@ -154,9 +165,7 @@ def _first_image_header(stream) -> dict:
         except ValueError as err:
             raise FitsError(f"not a readable FITS file ({err})") from None
         if blocks is None:
-            raise FitsError("not a readable FITS file (empty)" if first else "no image HDU (only tables or empty headers)")
-        if first and not blocks.startswith(b"SIMPLE  ="):
-            raise FitsError("not a readable FITS file (no SIMPLE card)")
+            raise FitsError("no image HDU (only tables or empty headers)")
         header = parse_header_cards(blocks)
         try:
             if _is_image(header, first):
@@ -185,6 +194,7 @@ def _skip(stream, size: int) -> None:
         size -= got
 
 
+_READ_PIECE_BYTES = 16 * 2**20
 _STORED_TYPES = {8: ">u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
 
 
@@ -193,28 +203,37 @@ class _StoredPixels:
 
     BSCALE/BZERO apply as FITS says; the usual unsigned conventions (BITPIX 16 with BZERO 32768,
     and their 8/32/64-bit kin) give unsigned integers, as astropy does, so 16-bit camera data keeps
-    its format's full scale (65535). BLANK marks missing values of scaled integer data (NaN).
+    its format's full scale (65535). BLANK marks missing values of integer data: with it the values
+    are float32 and the missing ones NaN (drawn black, left out of the stretch), as astropy reads them.
     """
 
     def __init__(self, stream, header: dict):
-        bitpix = int(header["BITPIX"])
+        bitpix = header.get("BITPIX")
         if bitpix not in _STORED_TYPES:
-            raise ValueError(f"BITPIX = {bitpix} is not a FITS pixel type")
+            raise ValueError(f"BITPIX = {bitpix} is not a FITS pixel type" if bitpix is not None else "no BITPIX card")
         self.stream, self.dtype = stream, np.dtype(_STORED_TYPES[bitpix])
         self.bscale, self.bzero = float(header.get("BSCALE") or 1.0), float(header.get("BZERO") or 0.0)
-        self.blank = header.get("BLANK") if self.dtype.kind in "ui" else None
+        blank = header.get("BLANK")
+        self.blank = blank if self.dtype.kind in "ui" and isinstance(blank, int) and not isinstance(blank, bool) else None
         self.left = self.dtype.itemsize
-        for axis in range(1, int(header["NAXIS"]) + 1):
-            self.left *= int(header[f"NAXIS{axis}"])
+        for axis in range(1, int(header.get("NAXIS") or 0) + 1):
+            self.left *= int(header.get(f"NAXIS{axis}") or 0)
         self.padding = -self.left % 2880
         self.out_dtype, self.peak = None, -np.inf
 
     def read(self, count: int) -> np.ndarray:
         """The next `count` values, physical (unsigned or float32 where scaled, native byte order)."""
         size = count * self.dtype.itemsize
-        data = self.stream.read(size)
-        if len(data) < size:
-            raise TruncatedFits("truncated FITS file (shorter than its header declares)")
+        # In pieces: one read() of the declared size allocates all of it first, even when a cut-short file
+        # holds a few KB (a whole read of a frame whose header declares gigabytes).
+        pieces, got = [], 0
+        while got < size:
+            piece = self.stream.read(min(size - got, _READ_PIECE_BYTES))
+            if not piece:
+                raise TruncatedFits("truncated FITS file (shorter than its header declares)")
+            pieces.append(piece)
+            got += len(piece)
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         self.left -= size
         values = self._physical(np.frombuffer(data, self.dtype))
         self.out_dtype, self.peak = values.dtype, max(self.peak, _peak(values))
@@ -222,13 +241,14 @@ class _StoredPixels:
 
     def _physical(self, raw: np.ndarray) -> np.ndarray:
         kind, bits = raw.dtype.kind, raw.dtype.itemsize * 8
-        if self.bscale == 1.0 and self.bzero == 0.0:
-            return raw.astype(raw.dtype.newbyteorder("="))
-        if kind == "u" and self.bscale == 1.0 and self.bzero == -128.0:  # signed bytes
-            return (raw ^ np.uint8(0x80)).view(np.int8)
-        if kind == "i" and self.bscale == 1.0 and self.bzero == 2.0 ** (bits - 1):  # unsigned 16/32/64-bit
-            unsigned = raw.view(f">u{bits // 8}").astype(f"u{bits // 8}")
-            return unsigned ^ np.array(1 << (bits - 1), dtype=unsigned.dtype)
+        if self.blank is None:  # integers stay integers; with BLANK they become float, the missing ones NaN
+            if self.bscale == 1.0 and self.bzero == 0.0:
+                return raw.astype(raw.dtype.newbyteorder("="))
+            if kind == "u" and self.bscale == 1.0 and self.bzero == -128.0:  # signed bytes
+                return (raw ^ np.uint8(0x80)).view(np.int8)
+            if kind == "i" and self.bscale == 1.0 and self.bzero == 2.0 ** (bits - 1):  # unsigned 16/32/64-bit
+                unsigned = raw.view(f">u{bits // 8}").astype(f"u{bits // 8}")
+                return unsigned ^ np.array(1 << (bits - 1), dtype=unsigned.dtype)
         values = raw.astype(np.float32) * np.float32(self.bscale) + np.float32(self.bzero)
         if self.blank is not None:
             values[raw == self.blank] = np.nan

@@ -368,7 +368,7 @@ def parse_header_cards(data: bytes) -> dict:
     header = {}
     for start in range(0, len(data) - _CARD + 1, _CARD):
         card = data[start:start + _CARD].decode("ascii", errors="replace")
-        key = card[:8].strip()
+        key = card[:8].strip(" \0").upper()  # lenient as astropy is: lower-case keywords, END followed by NULs
         if key == "END":
             break
         if key and card[8:10] == "= ":
@@ -390,17 +390,30 @@ def read_header_blocks(file) -> bytes | None:
         if len(block) < _BLOCK:
             raise EOFError("the file ends inside a FITS header")
         chunks.append(block)
-        if any(block[i:i + 8] == b"END     " for i in range(0, _BLOCK, _CARD)):
+        if any(_is_end_card(block[i:i + 8]) for i in range(0, _BLOCK, _CARD)):
             return b"".join(chunks)
     raise ValueError(f"no END card in {_MAX_HEADER_BLOCKS} header blocks")
 
 
+def _is_end_card(keyword: bytes) -> bool:
+    """END, then blanks; or NULs, as ImageMagick 7.0.10-13 and later write it."""
+    return keyword[:3] == b"END" and not keyword[3:].strip(b" \0")
+
+
 def data_bytes(header: dict) -> int:
-    """How many bytes of data follow an HDU's header, before the padding to a whole 2880-byte block."""
+    """How many bytes of data follow an HDU's header, before the padding to a whole 2880-byte block.
+
+    Random groups (GROUPS = T, NAXIS1 = 0) leave NAXIS1 out of the count, as the standard says.
+    Raises ValueError for a negative axis length.
+    """
     naxis = int(header.get("NAXIS") or 0)
+    groups = header.get("GROUPS") is True and int(header.get("NAXIS1") or 0) == 0
     cells = 1
-    for axis in range(1, naxis + 1):
-        cells *= int(header.get(f"NAXIS{axis}") or 0)
+    for axis in range(2 if groups else 1, naxis + 1):
+        length = int(header.get(f"NAXIS{axis}") or 0)
+        if length < 0:
+            raise ValueError(f"NAXIS{axis} = {length}")
+        cells *= length
     return abs(int(header.get("BITPIX") or 8)) // 8 * int(header.get("GCOUNT") or 1) \
         * ((cells if naxis else 0) + int(header.get("PCOUNT") or 0))
 

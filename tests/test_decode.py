@@ -597,6 +597,15 @@ def _stored_variants(tmp_path):
     astrofits.HDUList([astrofits.PrimaryHDU(), table, astrofits.ImageHDU(mono)]).writeto(paths["image after a table"])
     paths["gzipped"] = tmp_path / "capture.fits.gz"
     paths["gzipped"].write_bytes(gzip.compress(paths["uint16 (BZERO 32768)"].read_bytes()))
+    blank_border = (mono.astype(np.int32) - 1000).astype(np.int16)
+    blank_border[:20] = -32768  # a stacked frame's border: BLANK on unscaled integers is missing data too
+    paths["int16 with BLANK, unscaled"] = write_fits(tmp_path / "blank.fits", blank_border, BLANK=-32768)
+    plain = paths["int16"].read_bytes()
+    end = plain.index(b"END" + b" " * 77)
+    paths["END then NULs (ImageMagick)"] = tmp_path / "magick.fits"
+    paths["END then NULs (ImageMagick)"].write_bytes(plain[:end] + b"END\0" + plain[end + 4:])
+    paths["lower-case keywords"] = tmp_path / "lower.fits"
+    paths["lower-case keywords"].write_bytes(plain.replace(b"BITPIX  =", b"bitpix  =", 1))
     return paths
 
 
@@ -630,6 +639,44 @@ def test_a_fits_without_its_padding_or_a_gzip_stream_cut_short_is_truncated(tmp_
     for name in ("unpadded.fits", "cut.fits.gz"):
         with pytest.raises(decode.IncompleteImage, match="truncated FITS"):
             load_image(tmp_path / name)
+
+
+@pytest.mark.parametrize("content,cause", [
+    (b"<html><body>404 Not Found</body></html>\n" * 100, "no SIMPLE card"),  # a failed download named .fits
+    (gzip.compress(b"not a FITS file at all " * 50), "no SIMPLE card"),
+], ids=["an html page", "gzipped text"])
+def test_a_file_that_is_not_fits_is_not_called_truncated(tmp_path, content, cause):
+    (tmp_path / "m31.fits").write_bytes(content)
+    error = _one_line_error(tmp_path / "m31.fits", cause)
+    assert not isinstance(error, decode.IncompleteImage)
+
+
+def test_headers_fits_cannot_read_are_one_line(tmp_path):
+    plain = write_fits(tmp_path / "plain.fits", linear_frame()[0]).read_bytes()
+    (tmp_path / "nobitpix.fits").write_bytes(plain.replace(b"BITPIX  =", b"XBITPIX =", 1))
+    _one_line_error(tmp_path / "nobitpix.fits", "no BITPIX card")
+    groups = astrofits.GroupsHDU(astrofits.GroupData(np.zeros((3, 1, 4), np.float32), parnames=["u", "v"],
+                                                     pardata=[np.zeros(3), np.zeros(3)]))
+    groups.writeto(tmp_path / "uv.fits")  # random groups (UVFITS), no image: skipped by its true size
+    _one_line_error(tmp_path / "uv.fits", "no image HDU")
+
+    class Pipe(io.BytesIO):
+        def seek(self, *args):
+            raise io.UnsupportedOperation("File or stream is not seekable.")
+
+    with pytest.raises(fits.FitsError, match="not seekable"):
+        fits.read_fits(Pipe(plain))
+
+
+def test_a_cut_short_file_declaring_a_huge_frame_is_not_allocated_whole(tmp_path):
+    path = _header_only_fits(tmp_path / "huge.fits", 5400, 5400, bitpix=-64, sparse=False)  # 233 MB declared
+    path.write_bytes(path.read_bytes() + b"\0" * 10000)
+
+    def decode_it():
+        with pytest.raises(decode.IncompleteImage, match="truncated"):
+            load_image(path)  # no spec: read whole, as the review page reads
+
+    assert _peak_traced_mb(decode_it) < 40
 
 
 def test_only_tile_compressed_fits_imports_astropy(tmp_path):
