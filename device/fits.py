@@ -38,8 +38,8 @@ model sees 224 pixels, and a camera frame is binned far below that anyway.
 shifted by ``XBAYROFF``/``YBAYROFF`` when present; the FITS bottom-up row order
 is not flipped, since a nebula's type does not depend on which way up it is.
 
-**Reading without astropy.** The headers are parsed in pure Python (the cards reader
-of `nebula.device.position`) and the stored values read in order from the stream
+**Reading without astropy.** The headers are parsed in pure Python
+(`nebula.device.fits_header`) and the stored values read in order from the stream
 (plain or gzipped) with numpy: BITPIX, BSCALE/BZERO (the unsigned conventions give
 unsigned integers, as astropy gives them), BLANK. Importing astropy costs a Pi about
 24 MB, so only a tile-compressed ``.fz`` image, whose tiles need its decompressors,
@@ -62,7 +62,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nebula.device.position import data_bytes, padded, parse_header_cards, read_header_blocks
+from nebula.device.fits_header import data_bytes, padded, parse_header_cards, read_header_blocks
 
 TARGET_BACKGROUND = 0.15  # darker than PixInsight's 0.25: the training pictures have a dark sky
 SHADOWS_CLIP_MADS = -2.8  # PixInsight's STF default

@@ -27,7 +27,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from nebula.device.position import SkyPosition, fits_headers, parse_header_cards, read_fits_header, read_header_position
+from nebula.device.fits_header import fits_headers, parse_header_cards, read_fits_header
+from nebula.device.position import SkyPosition, read_header_position
 
 SOLVER = "solve-field"
 INDEX_DIRS = (Path("/usr/share/astrometry"), Path("/usr/local/astrometry/data"))

@@ -6,8 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from nebula.device.position import (field_from_optics, parse_dec, parse_header_cards, parse_ra, parse_ra_hours,
-                                    position_of_file, read_fits_header, read_header_position, separation_deg)
+from nebula.device.fits_header import parse_header_cards, read_fits_header
+from nebula.device.position import (field_from_optics, parse_dec, parse_ra, parse_ra_hours, position_of_file,
+                                    read_header_position, separation_deg)
 
 M42_RA, M42_DEC = 83.82208, -5.39111  # 05h35m17.3s, -05d23m28s
 
