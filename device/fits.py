@@ -62,7 +62,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nebula.device.fits_header import data_bytes, padded, parse_header_cards, read_header_blocks
+from nebula.device.fits_header import NoImage, data_bytes, first_image_header, padded, skip_bytes, unzipped
 
 TARGET_BACKGROUND = 0.15  # darker than PixInsight's 0.25: the training pictures have a dark sky
 SHADOWS_CLIP_MADS = -2.8  # PixInsight's STF default
@@ -100,16 +100,13 @@ def read_fits(source, content_size=None, max_pixels: int | None = None) -> np.nd
     (``.fz``, whose tiles need its decompressors) is handed to astropy.
     """
     with _stream(source) as (stream, raw):
-        header = _first_image_header(stream)
+        header = first_image_header(stream)
         if header.get("ZIMAGE") is True:
             raw.seek(0)
             return _read_with_astropy(raw, content_size, max_pixels)
         _refuse_calibration(header)
-        try:
-            layout = _Layout.of(header)
-            pixels = _StoredPixels(stream, header)
-        except (ValueError, TypeError) as err:
-            raise FitsError(f"not a readable FITS file ({_first_line(err)})") from None
+        layout = _Layout.of(header)
+        pixels = _StoredPixels(stream, header)
         _check_pixels(layout, max_pixels)
         factor = _bin_factor(layout.width, layout.height, content_size) if content_size else 1
         planes = _read_planes(pixels, layout, factor)
@@ -120,78 +117,28 @@ def read_fits(source, content_size=None, max_pixels: int | None = None) -> np.nd
 @contextmanager
 def _stream(source):
     """(the FITS bytes as a stream, the file under it): the file (opened here when given a path), through gzip
-    when gzipped; the file under it is what astropy reads (it recognises gzip itself)."""
+    when gzipped; the file under it is what astropy reads (it recognises gzip itself). Errors of the
+    stream become FitsError and TruncatedFits."""
     import gzip
 
     opened = open(source, "rb") if isinstance(source, (str, os.PathLike)) else None
     raw = opened or source
     try:
         try:
-            gzipped = raw.read(2) == b"\x1f\x8b"
-            raw.seek(0)
-            stream = gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else raw
-            # A FITS file starts with SIMPLE: anything else (an HTML error page saved as .fits) is not one,
-            # whatever its length, rather than a FITS file cut short.
-            starts_right = stream.read(9) == b"SIMPLE  ="
-            stream.seek(0)
+            stream = unzipped(raw)
         except OSError as err:  # io.UnsupportedOperation (a pipe) is one too
             raise FitsError(f"not a readable FITS file ({_first_line(err)})") from None
-        except EOFError:
-            raise TruncatedFits("truncated FITS file (the gzip stream ends early)") from None
-        if not starts_right:
-            raise FitsError("not a readable FITS file (no SIMPLE card at its start)")
         try:
             yield stream, raw
-        except EOFError:  # a gzip stream cut short
-            raise TruncatedFits("truncated FITS file (the gzip stream ends early)") from None
-        except (gzip.BadGzipFile, zlib.error) as err:
+        except EOFError as err:  # a file or a gzip stream cut short
+            raise TruncatedFits(f"truncated FITS file ({_first_line(err)})") from None
+        except NoImage as err:
+            raise FitsError(str(err)) from None
+        except (gzip.BadGzipFile, zlib.error, ValueError, TypeError) as err:
             raise FitsError(f"not a readable FITS file ({_first_line(err)})") from None
     finally:
         if opened:
             opened.close()
-
-
-def _first_image_header(stream) -> dict:
-    """The header of the first HDU holding an image of two or more axes; the stream is left at its data.
-
-    A tile-compressed image is a binary table whose header says ZIMAGE = T; it counts as an image.
-    """
-    first = True
-    while True:
-        try:
-            blocks = read_header_blocks(stream)
-        except EOFError:
-            raise TruncatedFits("truncated FITS file (it ends inside a header)") from None
-        except ValueError as err:
-            raise FitsError(f"not a readable FITS file ({err})") from None
-        if blocks is None:
-            raise FitsError("no image HDU (only tables or empty headers)")
-        header = parse_header_cards(blocks)
-        try:
-            if _is_image(header, first):
-                return header
-            _skip(stream, padded(data_bytes(header)))
-        except (ValueError, TypeError) as err:
-            raise FitsError(f"not a readable FITS file ({_first_line(err)})") from None
-        first = False
-
-
-def _is_image(header: dict, primary: bool) -> bool:
-    if header.get("ZIMAGE") is True:
-        return True
-    if (not primary and str(header.get("XTENSION", "")).strip() != "IMAGE") or header.get("GROUPS") is True:
-        return False
-    naxis = int(header.get("NAXIS") or 0)
-    return naxis >= 2 and all(int(header.get(f"NAXIS{i}") or 0) > 0 for i in range(1, naxis + 1))
-
-
-def _skip(stream, size: int) -> None:
-    """Past `size` bytes of a stream (read in 1 MB pieces: a gzip stream cannot seek cheaply)."""
-    while size > 0:
-        got = len(stream.read(min(size, 2**20)))
-        if got == 0:
-            raise TruncatedFits("truncated FITS file (shorter than its header declares)")
-        size -= got
 
 
 _READ_PIECE_BYTES = 16 * 2**20
@@ -215,10 +162,8 @@ class _StoredPixels:
         self.bscale, self.bzero = float(header.get("BSCALE") or 1.0), float(header.get("BZERO") or 0.0)
         blank = header.get("BLANK")
         self.blank = blank if self.dtype.kind in "ui" and isinstance(blank, int) and not isinstance(blank, bool) else None
-        self.left = self.dtype.itemsize
-        for axis in range(1, int(header.get("NAXIS") or 0) + 1):
-            self.left *= int(header.get(f"NAXIS{axis}") or 0)
-        self.padding = -self.left % 2880
+        self.left = data_bytes(header)
+        self.padding = padded(self.left) - self.left
         self.out_dtype, self.peak = None, -np.inf
 
     def read(self, count: int) -> np.ndarray:
@@ -230,7 +175,7 @@ class _StoredPixels:
         while got < size:
             piece = self.stream.read(min(size - got, _READ_PIECE_BYTES))
             if not piece:
-                raise TruncatedFits("truncated FITS file (shorter than its header declares)")
+                raise EOFError("shorter than its header declares")
             pieces.append(piece)
             got += len(piece)
         data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
@@ -256,7 +201,7 @@ class _StoredPixels:
 
     def finish(self) -> None:
         """Past the rest of the data and its padding: a file cut short anywhere before its end is truncated."""
-        _skip(self.stream, self.left + self.padding)
+        skip_bytes(self.stream, self.left + self.padding)
         self.left = self.padding = 0
 
     def full_scale(self) -> float | None:

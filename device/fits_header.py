@@ -60,15 +60,22 @@ def parse_header_cards(data: bytes) -> dict:
     return header
 
 
-def read_header_blocks(file) -> bytes | None:
+class NoImage(ValueError):
+    """A FITS file whose HDUs hold no image (only tables or empty headers)."""
+
+
+def read_header_blocks(file, first: bool = False) -> bytes | None:
     """The next HDU's header bytes, through the block that holds END; None at a clean end of the file.
 
-    Raises EOFError when the file ends inside a header, ValueError when no END comes in
-    _MAX_HEADER_BLOCKS blocks.
+    With `first`, bytes that do not start with SIMPLE are not FITS (ValueError) however short
+    they are. Raises EOFError when the file ends inside a header, ValueError when no END comes
+    in _MAX_HEADER_BLOCKS blocks.
     """
     chunks = []
     for _ in range(_MAX_HEADER_BLOCKS):
         block = file.read(_BLOCK)
+        if first and not chunks and not block.startswith(b"SIMPLE  ="):
+            raise ValueError("no SIMPLE card at its start")
         if not block and not chunks:
             return None
         if len(block) < _BLOCK:
@@ -107,43 +114,81 @@ def padded(size: int) -> int:
     return -(-size // _BLOCK) * _BLOCK
 
 
+def skip_bytes(file, size: int) -> None:
+    """Past `size` bytes, read in 1 MB pieces (a gzip stream cannot seek cheaply); EOFError when the file ends first."""
+    while size > 0:
+        got = len(file.read(min(size, 2**20)))
+        if got == 0:
+            raise EOFError("the file ends inside an HDU's data")
+        size -= got
+
+
+def unzipped(raw):
+    """The FITS bytes of an open binary file: through gzip when it is gzipped (by content), else the file itself."""
+    import gzip
+
+    gzipped = raw.read(2) == b"\x1f\x8b"
+    raw.seek(0)
+    return gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else raw
+
+
+def is_image(header: dict, primary: bool) -> bool:
+    """An HDU holding an image of two or more axes, none empty; a tile-compressed one (ZIMAGE = T) too."""
+    if header.get("ZIMAGE") is True:
+        return True
+    if (not primary and str(header.get("XTENSION", "")).strip() != "IMAGE") or header.get("GROUPS") is True:
+        return False
+    naxis = int(header.get("NAXIS") or 0)
+    return naxis >= 2 and all(int(header.get(f"NAXIS{i}") or 0) > 0 for i in range(1, naxis + 1))
+
+
+def first_image_header(file) -> dict:
+    """The header of the first HDU holding an image (`is_image`); the file is left at the start of its data.
+
+    Raises EOFError when the file ends inside a header or inside the data before it, NoImage when
+    no HDU holds an image, ValueError when it is not FITS or a header cannot be read.
+    """
+    first = True
+    while True:
+        blocks = read_header_blocks(file, first)
+        if blocks is None:
+            raise NoImage("no image HDU (only tables or empty headers)")
+        header = parse_header_cards(blocks)
+        if is_image(header, first):
+            return header
+        skip_bytes(file, padded(data_bytes(header)))
+        first = False
+
+
 def fits_headers(file) -> Iterator[dict]:
     """Each HDU's header of an open binary FITS file, in order, skipping the data between them."""
     first = True
     while True:
         try:
-            data = read_header_blocks(file)
-        except (EOFError, ValueError):
+            data = read_header_blocks(file, first)
+        except EOFError:
             data = None
         if data is None:
             if first:
                 raise ValueError("no complete FITS header")
             return
-        if first and not data.startswith(b"SIMPLE  ="):
-            raise ValueError("not a FITS file (no SIMPLE card)")
         first = False
         header = parse_header_cards(data)
         yield header
-        skip = padded(data_bytes(header))
-        if skip and len(file.read(skip)) < skip:
+        try:
+            skip_bytes(file, padded(data_bytes(header)))
+        except EOFError:
             return
 
 
-def read_fits_header(path: str | Path) -> tuple[dict, tuple[int, int] | None]:
+def read_fits_header(path: str | Path) -> tuple[dict, tuple[int, int]]:
     """The header of a FITS file's first image HDU (a tile-compressed one too) and that image's (width, height).
 
     Reads only header blocks, in pure Python (no astropy: the Pi pays for that import);
-    gzip-compressed files are read through gzip. Raises ValueError for a file that is not FITS.
+    gzip-compressed files are read through gzip. Raises ValueError for a file that is not FITS
+    or holds no image, EOFError for one cut short before its image.
     """
-    import gzip
-
-    path = Path(path)
     with open(path, "rb") as raw:
-        gzipped = raw.read(2) == b"\x1f\x8b"
-    with (gzip.open if gzipped else open)(path, "rb") as file:
-        for header in fits_headers(file):
-            if header.get("ZIMAGE") is True and header.get("ZNAXIS1"):
-                return header, (int(header["ZNAXIS1"]), int(header.get("ZNAXIS2") or 1))
-            if int(header.get("NAXIS") or 0) >= 2 and header.get("XTENSION", "IMAGE") == "IMAGE":
-                return header, (int(header["NAXIS1"]), int(header["NAXIS2"]))
-    raise ValueError("no image HDU")
+        header = first_image_header(unzipped(raw))
+    prefix = "ZNAXIS" if header.get("ZIMAGE") is True else "NAXIS"
+    return header, (int(header.get(f"{prefix}1") or 0), int(header.get(f"{prefix}2") or 1))

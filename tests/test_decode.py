@@ -13,6 +13,7 @@ from PIL import Image
 
 from nebula.device import decode, fits
 from nebula.device.decode import ImageError, SkippedImage, load_image
+from nebula.device.fits_header import first_image_header
 from nebula.device.preprocess import PreprocessSpec
 
 # ---------------------------------------------------------------- helpers
@@ -623,11 +624,9 @@ def test_blank_values_of_scaled_data_are_missing_not_black_sky(tmp_path):
     raw = np.full((40, 60), 3000, ">i2")
     raw[10, 10:20] = -32768
     cards = [("BITPIX", 16), ("NAXIS", 2), ("NAXIS1", 60), ("NAXIS2", 40), ("BSCALE", 2.0), ("BZERO", 10.0), ("BLANK", -32768)]
-    stream = open(_raw_fits(tmp_path / "blank.fits", cards, raw), "rb")
-    with fits._stream(stream) as (pixels_stream, _):
-        header = fits._first_image_header(pixels_stream)
-        values = fits._StoredPixels(pixels_stream, header).read(40 * 60).reshape(40, 60)
-    stream.close()
+    with open(_raw_fits(tmp_path / "blank.fits", cards, raw), "rb") as stream:
+        header = first_image_header(stream)
+        values = fits._StoredPixels(stream, header).read(40 * 60).reshape(40, 60)
     assert np.isnan(values[10, 10:20]).all() and np.all(values[~np.isnan(values)] == 6010.0)
 
 
