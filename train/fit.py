@@ -464,10 +464,7 @@ def fine_tune_top(backbone, cut: int, dropout, classifier, cached_train, y_train
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
         backbones.unfreeze_top(backbone, config.unfreeze)
         top_input = keras.Input(cached_train.shape[1:])
-        x = top_input
-        for layer in backbone.layers[cut:]:
-            x = layer(x)
-        top = keras.Model(top_input, classifier(dropout(x)), name="top_and_head")
+        top = keras.Model(top_input, classifier(dropout(through(backbone.layers[cut:], top_input))), name="top_and_head")
         top.compile(optimizer=keras.optimizers.Adam(config.finetune_lr), loss="sparse_categorical_crossentropy")
     if start is None:
         start = macro_f1_and_accuracy(top.predict(cached_val, batch_size=config.batch_size, verbose=0), val_truth, labels)
@@ -493,14 +490,18 @@ def frozen_cut(backbone, unfreeze: int) -> int:
     return len(backbone.layers) - 1 - unfreeze if unfreeze else len(backbone.layers)  # - 1: the pool layer above the units
 
 
+def through(layers, x):
+    """`x` run through `layers` in order (units of the backbone, shared, not copied)."""
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
 def chain(layers, inputs, name):
     """A functional model that runs `layers` in order (units of the backbone, shared, not copied)."""
     import keras
 
-    x = inputs
-    for layer in layers:
-        x = layer(x)
-    return keras.Model(inputs, x, name=name)
+    return keras.Model(inputs, through(layers, inputs), name=name)
 
 
 def predict_with_progress(model, dataset, total: int, batch_size: int, desc: str) -> np.ndarray:
