@@ -226,7 +226,7 @@ def run_bench(model: str | Path | None = None, images: int = 200, size: tuple[in
         frame = write_fits_frame(Path(folder) / "frame.fits", size)
         report["memory"] = _memory(model_path, paths[0], frame)
         if catalog_file is not None:
-            report["memory"]["fits_catalog_peak_rss_mb"] = _fits_with_catalog_peak_mb(model_path, frame, catalog_file)
+            report["memory"].update(_fits_with_catalog(model_path, frame, catalog_file))
             report["catalog_file"] = str(catalog_file)
     report["peak_rss_mb"], report["peak_rss_device_only"] = report["memory"]["peak_rss_mb"], report["memory"]["device_only"]
     return report
@@ -329,14 +329,15 @@ def _cli_peak_kb(model_path: Path, image: Path) -> int | None:
         return int(peak_file.read_text())
 
 
-def _fits_with_catalog_peak_mb(model_path: Path, fits_frame: Path, catalog_file: str | Path) -> float:
-    """Peak RSS of a fresh device-only process classifying the FITS frame as `nebula classify --catalog` does."""
+def _fits_with_catalog(model_path: Path, fits_frame: Path, catalog_file: str | Path) -> dict:
+    """Peak RSS of a fresh device-only process classifying the FITS frame as `nebula classify --catalog` does,
+    and the catalog object it found there."""
     child = _child([sys.executable, "-c", _RSS_CHILD, str(model_path), str(fits_frame), str(catalog_file)])
     if child["error"]:
         raise BenchError(f"the device-only process could not classify {fits_frame}: {child['error']}")
     if child["catalog_main"] is None:
         raise BenchError(f"the device-only process found no catalog object for {fits_frame} in {catalog_file}")
-    return round(child["peak_rss_kb"] / 1024, 1)
+    return {"fits_catalog_peak_rss_mb": round(child["peak_rss_kb"] / 1024, 1), "fits_catalog_main": child["catalog_main"]}
 
 
 def _summary(values: list[float]) -> dict:
@@ -385,6 +386,6 @@ def format_table(report: dict) -> str:
     astropy = "astropy imported!" if memory["astropy_loaded_for_fits"] else "numpy alone, no astropy"
     lines.append(f"peak RSS classifying one {w}x{h} 16-bit FITS frame ({astropy}): {memory['fits_peak_rss_mb']:.1f} MB")
     if "fits_catalog_peak_rss_mb" in memory:
-        lines.append(f"peak RSS, the same FITS frame with --catalog (position from its header, catalog look-up): "
-                     f"{memory['fits_catalog_peak_rss_mb']:.1f} MB")
+        lines.append(f"peak RSS, the same FITS frame with --catalog (position from its header, catalog look-up "
+                     f"found {memory['fits_catalog_main']}): {memory['fits_catalog_peak_rss_mb']:.1f} MB")
     return "\n".join(lines)

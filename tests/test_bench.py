@@ -42,7 +42,8 @@ def test_tiny_bench_reports_every_stage(tiny_model_file, tmp_path):
     assert memory["peak_rss_mb"] >= memory["steps"][-1]["rss_mb"] - 0.1
     # numpy alone reads a plain FITS frame: astropy (about 24 MB of imports) is left for tile-compressed .fz.
     assert memory["astropy_loaded_for_jpeg"] is False and memory["astropy_loaded_for_fits"] is False
-    assert memory["fits_peak_rss_mb"] > memory["peak_rss_mb"] and memory["cli_peak_rss_mb"] > 0
+    # Each peak is its own process's measurement: the test checks that each was taken, never how they compare.
+    assert memory["fits_peak_rss_mb"] > 0 and memory["cli_peak_rss_mb"] > 0
     for words in ("decode", "per image", "camera frame", "bare invoke", "files / bare", "camera / bare", "peak RSS",
                   "model loaded", "nebula classify", "FITS"):
         assert words in result.stdout
@@ -63,5 +64,7 @@ def test_bench_measures_a_fits_capture_with_the_catalog(tiny_model_file, tmp_pat
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     memory = report["memory"]
-    assert 0 < memory["fits_peak_rss_mb"] <= memory["fits_catalog_peak_rss_mb"] and report["catalog_file"] == str(catalog)
-    assert "FITS frame with --catalog" in result.stdout
+    # The frame's header points at M 42, so the measured process really did the catalog look-up.
+    assert memory["fits_catalog_main"] == "M 42" and report["catalog_file"] == str(catalog)
+    assert memory["fits_peak_rss_mb"] > 0 and memory["fits_catalog_peak_rss_mb"] > 0
+    assert "FITS frame with --catalog" in result.stdout and "found M 42" in result.stdout
