@@ -94,7 +94,12 @@ def _json_bytes(record: dict) -> bytes:
 class QueuedItem:
     id: str
     image: Path
-    record: dict  # queue/<id>.json: {"id", "queued_utc", "reason", "image", "result", "skipped"}
+    record: dict  # queue/<id>.json: {"id", "queued_utc", "seq", "reason", "image", "result", "skipped"}
+
+
+def _queue_order(item: QueuedItem) -> tuple:
+    """Oldest first: by the time it was queued, then by its number, for two items queued in one millisecond."""
+    return item.record.get("queued_utc", ""), item.record.get("seq", 0)
 
 
 class ReviewQueue:
@@ -111,6 +116,7 @@ class ReviewQueue:
         self._last_live = float("-inf")
         self._seen = self._read_seen()
         self._tidy()
+        self._next_seq = 1 + max((item.record.get("seq", 0) for item in self._items()), default=0)
 
     @classmethod
     def from_config(cls, config, **options) -> "ReviewQueue":
@@ -142,8 +148,9 @@ class ReviewQueue:
             if item_id in self._seen:
                 return None
             try:
-                self._copy_in(item_id, frame, picture, {"id": item_id, "queued_utc": utc_now(), "reason": reason,
-                                                        "result": record, "skipped": False})
+                self._copy_in(item_id, frame, picture, {"id": item_id, "queued_utc": utc_now(), "seq": self._next_seq,
+                                                        "reason": reason, "result": record, "skipped": False})
+                self._next_seq += 1
                 self._remember(item_id)
                 self._bound()
             except (OSError, ValueError) as err:  # a full disk, an odd frame: the run goes on, and says so
@@ -174,7 +181,7 @@ class ReviewQueue:
         """Drop the oldest skipped, then the oldest unlabelled items until the queue fits its size limit."""
         items = self._items()
         size = sum(_size(item.image) + _size(self._record_path(item.id)) for item in items)
-        order = sorted(items, key=lambda item: (not item.record.get("skipped"), item.record.get("queued_utc", "")))
+        order = sorted(items, key=lambda item: (not item.record.get("skipped"), _queue_order(item)))
         for item in order[:-1]:  # the newest item stays, whatever its size
             if size <= self.max_bytes:
                 return
@@ -190,7 +197,7 @@ class ReviewQueue:
         """The queue, not-yet-skipped first, each oldest first."""
         with self._lock:
             items = self._items()
-        return sorted(items, key=lambda item: (bool(item.record.get("skipped")), item.record.get("queued_utc", "")))
+        return sorted(items, key=lambda item: (bool(item.record.get("skipped")), _queue_order(item)))
 
     def get(self, item_id: str) -> QueuedItem:
         record_path = self._record_path(item_id)

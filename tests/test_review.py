@@ -102,6 +102,17 @@ def test_the_queue_is_bounded_dropping_the_oldest_unlabelled_and_says_so(tmp_pat
     assert any(f"dropped the oldest skipped item {kept[-1]}" in line for line in lines)
 
 
+def test_items_queued_in_one_millisecond_keep_their_order_also_across_restarts(tmp_path, monkeypatch):
+    from nebula.device import review
+
+    monkeypatch.setattr(review, "utc_now", lambda: "2026-12-02T01:02:03.000Z")  # a fast device: one stamp for all
+    uncertain = _record([["emission", 0.4], ["other", 0.35]])
+    queue = _queue(tmp_path)
+    ids = [queue.consider(uncertain, _frame(seed)) for seed in range(6)]
+    ids += [_queue(tmp_path).consider(uncertain, _frame(seed)) for seed in range(6, 9)]  # each after a restart
+    assert all(ids) and [item.id for item in _queue(tmp_path).items()] == ids
+
+
 def test_a_full_disk_is_one_line_and_leaves_nothing_behind(tmp_path, monkeypatch):
     from nebula.device import review
 
