@@ -3,7 +3,6 @@
 import errno
 import json
 import os
-import time
 
 import pytest
 
@@ -76,19 +75,40 @@ def test_every_line_is_fsynced_when_asked(tmp_path, monkeypatch):
     log.close()
 
 
+class _RecordedTimer:
+    """threading.Timer as the log uses it, fired by the test: a real 0.2 s timer races a busy machine's scheduler."""
+
+    made = []
+
+    def __init__(self, interval, function):
+        self.interval, self.function, self.daemon, self.started, self.cancelled = interval, function, False, False, False
+        _RecordedTimer.made.append(self)
+
+    def start(self):
+        self.started = True
+
+    def cancel(self):
+        self.cancelled = True
+
+
 def test_lines_are_fsynced_within_fsync_s_even_if_no_line_follows(tmp_path, monkeypatch):
     synced = []
     real_fsync = os.fsync
     monkeypatch.setattr(resultslog.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    monkeypatch.setattr(resultslog.threading, "Timer", _RecordedTimer)
+    _RecordedTimer.made.clear()
     log = ResultsLog(tmp_path / "r.jsonl", fsync_s=0.2)
     for i in range(10):
         log.write({"frame": i})
-    assert synced == []  # batched
-    deadline = time.monotonic() + 5
-    while not synced and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert len(synced) == 1  # one fsync for the ten lines, without an eleventh write
+    assert synced == []  # batched...
+    [timer] = _RecordedTimer.made  # ...behind one timer, armed by the first line, that outlives no process
+    assert timer.interval == 0.2 and timer.started and timer.daemon and not timer.cancelled
+    timer.function()  # what the timer's thread does 0.2 s later
+    assert synced == [log._fd]  # one fsync for the ten lines, without an eleventh write
+    log.write({"frame": 10})
+    assert len(_RecordedTimer.made) == 2 and _RecordedTimer.made[1].started  # the next line arms a new timer
     log.close()
+    assert len(synced) == 2 and _RecordedTimer.made[1].cancelled  # closing syncs what the second timer had not, and stops it
 
 
 def test_a_line_cut_by_a_power_cut_does_not_spoil_the_next(tmp_path):
