@@ -185,7 +185,13 @@ def test_run_with_web_serves_the_live_frames(tiny_model_file, tmp_path):
     config = RunConfig(source="fake", model=str(tiny_model_file), log=str(tmp_path / "r.jsonl"), web=True, port=0, max_fps=20, max_frames=60)
     from nebula.device.daemon import run
 
-    thread = threading.Thread(target=run, args=(config,), kwargs={"announce": lines.append})
+    release = threading.Event()
+
+    def hold_at_frame_4(record, frame):  # the page lives while frames come: hold them so a slow test still finds it
+        if record.get("frame") == 4:
+            release.wait(30)
+
+    thread = threading.Thread(target=run, args=(config,), kwargs={"announce": lines.append, "on_result": hold_at_frame_4})
     thread.start()
     try:
         deadline = time.monotonic() + 30
@@ -200,6 +206,7 @@ def test_run_with_web_serves_the_live_frames(tiny_model_file, tmp_path):
         assert latest["latest"]["frame"] >= 3 and latest["latest"]["label"] in ("emission", "reflection", "other", "unknown")
         assert _call(url + latest["image"].lstrip("/"))[0] == 200
     finally:
+        release.set()
         thread.join(30)
     assert not thread.is_alive()
 
@@ -332,9 +339,16 @@ def browser(tmp_path):
             assert process.poll() is None, "chromium exited at start"
             time.sleep(0.1)
         port = int(port_file.read_text().split()[0])
-        targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10).read())
-        page = next(t for t in targets if t["type"] == "page")
-        yield _DevTools(page["webSocketDebuggerUrl"])
+        # DevTools listens before the first tab exists: on a busy machine /json/list can still be empty.
+        while True:
+            assert process.poll() is None, "chromium exited at start"
+            targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10).read())
+            pages = [t for t in targets if t["type"] == "page"]
+            if pages or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert pages, "chromium opened no page within 30 s"
+        yield _DevTools(pages[0]["webSocketDebuggerUrl"])
     finally:
         process.terminate()
         try:
