@@ -375,7 +375,7 @@ def test_a_writer_that_pauses_between_chunks_gets_one_line_the_result(tmp_path, 
 
     writer = threading.Thread(target=write_in_pauses)
     writer.start()
-    source = _watch(tmp_path, settle_s=0.1, truncated_grace_s=3)
+    source = _watch(tmp_path, settle_s=0.1, truncated_grace_s=30)  # the default: a pause never comes near it
     frames = _frames_until(source, 1)
     writer.join()
     assert [(f.error, f.rgb is not None) for f in frames] == [(None, True)]

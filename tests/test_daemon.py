@@ -127,7 +127,7 @@ def test_watch_folder_classifies_each_capture_once_also_across_restarts(classifi
     root, log = tmp_path / "captures", tmp_path / "results.jsonl"
     _png(root / "M42" / "Light" / "Ha" / "M42_Light_Ha_001.png", "emission")
     _png(root / "M78" / "Light" / "L" / "M78_Light_L_001.png", "reflection", seed=1)
-    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(64))
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + np.random.default_rng(0).bytes(64))
     lines = _run_watch_until(classifier, root, log, 3, sidecar=True, threshold=0.0)
     assert len(lines) == 3
     by_name = {Path(line["file"]).name: line for line in lines}
