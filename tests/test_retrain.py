@@ -321,12 +321,25 @@ _WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
+def _free_ports(n: int) -> list[int]:
+    """n distinct free ports below the ephemeral range: a port the kernel hands out for bind(0) can be taken
+    by any outgoing connection (a worker's own gRPC retries included) in the seconds before its worker binds it."""
+    import random
     import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    range_file = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    lowest_ephemeral = int(range_file.read_text().split()[0]) if range_file.exists() else 32768
+    rng, ports = random.Random(os.getpid()), []
+    while len(ports) < n:
+        port = rng.randrange(max(1024, lowest_ephemeral // 2), lowest_ephemeral)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:  # in use
+                continue
+        if port not in ports:
+            ports.append(port)
+    return ports
 
 
 def _worker(kind: str, tf_config: dict | None = None) -> subprocess.Popen:
@@ -345,7 +358,7 @@ def _result(process: subprocess.Popen) -> dict:
 
 def _cluster(n: int) -> list[dict]:
     """TF_CONFIG of each of n workers on 127.0.0.1, on free ports."""
-    cluster = {"worker": [f"127.0.0.1:{_free_port()}" for _ in range(n)]}
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(n)]}
     return [{"cluster": cluster, "task": {"type": "worker", "index": i}} for i in range(n)]
 
 
