@@ -39,6 +39,17 @@ def write_sky_folder(root: Path, per_label: int = 12, size: int = 64, labels=TIN
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_user_settings(tmp_path_factory):
+    """Tests, and the commands they start, neither read the user's config nor write to their results log or review
+    folder: XDG_CONFIG_HOME and XDG_STATE_HOME point at an empty folder for the whole session."""
+    home = tmp_path_factory.mktemp("xdg")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CONFIG_HOME", str(home / "config"))
+        patch.setenv("XDG_STATE_HOME", str(home / "state"))
+        yield home
+
+
 @pytest.fixture(scope="session")
 def sky_folder(tmp_path_factory) -> Path:
     return write_sky_folder(tmp_path_factory.mktemp("sky"))
