@@ -37,12 +37,13 @@ from typing import Callable
 import numpy as np
 
 from nebula.train import calibrate, linear_head
+from nebula.train.efficientnet_lite import cache_dir
 from nebula.train.evaluate import format_scores, score
 from nebula.train.manifest import ManifestRow, grouped_split, load_dataset
 
 DARK_VS_EMISSION = ("dark", "emission")
 CROSSVAL_NAME = "crossval.json"
-FEATURE_CACHE = Path.home() / ".cache" / "nebula-classifier" / "features"
+FEATURE_CACHE = cache_dir() / "features"  # beside the backbone weights: $XDG_CACHE_HOME, else ~/.cache
 
 
 class CrossvalError(ValueError):
@@ -323,10 +324,11 @@ def _view_features(rows, data_dir: Path, spec, labels, config: CrossvalConfig, e
 
     With --unfreeze N the cache holds the output of the layers below the top N units, (N, views, H, W, C).
 
-    The cache (~/.cache/nebula-classifier/features/) is keyed by everything that changes a feature -- backbone,
-    weights, int8 rounding, preprocessing, augmentation recipe, seed, views, and the source of the code that makes
-    the views and the features -- and each image by its path, size and modification time, so comparing recipes
-    pays only for what differs, and an edit to the augmentation or the backbone never reuses stale features.
+    The cache (nebula-classifier/features/ under $XDG_CACHE_HOME, else ~/.cache) is keyed by everything that
+    changes a feature -- backbone, weights, int8 rounding, preprocessing, augmentation recipe, seed, views, and
+    the source of the code that makes the views and the features -- and each image by its path, size and
+    modification time, so comparing recipes pays only for what differs, and an edit to the augmentation or the
+    backbone never reuses stale features.
     """
     import os
     import zipfile
