@@ -58,6 +58,34 @@ def test_too_few_stars(tmp_path):
     assert result.stars is not None and result.stars < platesolve.MIN_STARS
 
 
+def _running_in_group(group: int) -> list[int]:
+    """Processes of this group that still run (zombies hold no files)."""
+    running = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+        if int(pgrp) == group and state != "Z":
+            running.append(int(stat.parent.name))
+    return running
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_a_killed_solver_takes_its_helpers_with_it(tmp_path):
+    """solve-field's helpers (image2pnm, astrometry-engine) are in its process group: a timeout kills them all,
+    so none is still writing into the work folder that is removed next."""
+    import subprocess
+
+    solver = subprocess.Popen(["bash", "-c", "while :; do touch f; done & sleep 60 & wait"], cwd=tmp_path,
+                              start_new_session=True)
+    while not (tmp_path / "f").exists():  # the writing helper runs
+        pass
+    assert len(_running_in_group(solver.pid)) >= 3  # the shell, its writing loop (and a touch, maybe), the sleep
+    platesolve._kill_group(solver)
+    assert _running_in_group(solver.pid) == []
+
+
 @needs_solver
 def test_timeout_kills_the_solver_and_removes_its_files(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
