@@ -98,8 +98,9 @@ class QueuedItem:
 
 
 def _queue_order(item: QueuedItem) -> tuple:
-    """Oldest first: by the time it was queued, then by its number, for two items queued in one millisecond."""
-    return item.record.get("queued_utc", ""), item.record.get("seq", 0)
+    """Oldest first, by the number it was queued with: a millisecond stamp ties on a fast device and goes back
+    when the clock is set. Items queued before there were numbers (0) come first, by their stamp."""
+    return item.record.get("seq", 0), item.record.get("queued_utc", "")
 
 
 class ReviewQueue:

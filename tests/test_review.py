@@ -102,10 +102,12 @@ def test_the_queue_is_bounded_dropping_the_oldest_unlabelled_and_says_so(tmp_pat
     assert any(f"dropped the oldest skipped item {kept[-1]}" in line for line in lines)
 
 
-def test_items_queued_in_one_millisecond_keep_their_order_also_across_restarts(tmp_path, monkeypatch):
+def test_items_keep_their_order_in_one_millisecond_when_the_clock_goes_back_and_across_restarts(tmp_path, monkeypatch):
     from nebula.device import review
 
-    monkeypatch.setattr(review, "utc_now", lambda: "2026-12-02T01:02:03.000Z")  # a fast device: one stamp for all
+    # A fast device stamps several items in one millisecond; a clock set by NTP or GPS can go back.
+    stamps = iter(["2026-12-02T01:02:03.000Z"] * 4 + ["2026-12-02T01:02:02.000Z", "2026-12-01T23:00:00.000Z"] * 3)
+    monkeypatch.setattr(review, "utc_now", lambda: next(stamps))
     uncertain = _record([["emission", 0.4], ["other", 0.35]])
     queue = _queue(tmp_path)
     ids = [queue.consider(uncertain, _frame(seed)) for seed in range(6)]
