@@ -142,43 +142,30 @@ def is_image(header: dict, primary: bool) -> bool:
     return naxis >= 2 and all(int(header.get(f"NAXIS{i}") or 0) > 0 for i in range(1, naxis + 1))
 
 
-def first_image_header(file) -> dict:
-    """The header of the first HDU holding an image (`is_image`); the file is left at the start of its data.
+def fits_headers(file) -> Iterator[dict]:
+    """Each HDU's header of an open binary FITS file, in order. The file is left at the start of the data of
+    the header last yielded, and is read past that data only when the next header is asked for.
 
-    Raises EOFError when the file ends inside a header or inside the data before it, NoImage when
-    no HDU holds an image, ValueError when it is not FITS or a header cannot be read.
+    Raises ValueError when it is not FITS or a header cannot be read, EOFError when the file ends inside
+    a header or inside data it has to skip.
     """
     first = True
-    while True:
-        blocks = read_header_blocks(file, first)
-        if blocks is None:
-            raise NoImage("no image HDU (only tables or empty headers)")
+    while (blocks := read_header_blocks(file, first)) is not None:
         header = parse_header_cards(blocks)
-        if is_image(header, first):
-            return header
+        yield header
         skip_bytes(file, padded(data_bytes(header)))
         first = False
 
 
-def fits_headers(file) -> Iterator[dict]:
-    """Each HDU's header of an open binary FITS file, in order, skipping the data between them."""
-    first = True
-    while True:
-        try:
-            data = read_header_blocks(file, first)
-        except EOFError:
-            data = None
-        if data is None:
-            if first:
-                raise ValueError("no complete FITS header")
-            return
-        first = False
-        header = parse_header_cards(data)
-        yield header
-        try:
-            skip_bytes(file, padded(data_bytes(header)))
-        except EOFError:
-            return
+def first_image_header(file) -> dict:
+    """The header of the first HDU holding an image (`is_image`); the file is left at the start of its data.
+
+    Raises as `fits_headers` does, and NoImage when no HDU holds an image.
+    """
+    for index, header in enumerate(fits_headers(file)):
+        if is_image(header, primary=index == 0):
+            return header
+    raise NoImage("no image HDU (only tables or empty headers)")
 
 
 def read_fits_header(path: str | Path) -> tuple[dict, tuple[int, int]]:

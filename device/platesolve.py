@@ -19,6 +19,7 @@ no match, timeout.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
@@ -152,9 +153,9 @@ def _source_count(work: Path) -> int | None:
     """Rows of the sources table astrometry.net extracted (the .axy file's first extension)."""
     axy = work / "sources.axy"
     try:
-        with open(axy, "rb") as file:
-            headers = list(fits_headers(file))
-    except (OSError, ValueError):
+        with open(axy, "rb") as file:  # the table's header, not its rows: a solver killed mid-write still counts
+            headers = list(itertools.islice(fits_headers(file), 2))
+    except (OSError, ValueError, EOFError):
         return None
     rows = headers[1].get("NAXIS2") if len(headers) > 1 else None
     return rows if isinstance(rows, int) else None
